@@ -1,0 +1,1 @@
+"""The site: data loading and checks, local training and evaluation, the ClientApp."""

@@ -1,0 +1,191 @@
+"""Local training and evaluation of the LoRA model on a site's tokenised records."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+
+from client.batches import IGNORE, Tokenized, iter_batches
+from common.config import FedtuneConfig, TrainSettings
+from common.metrics import classification_metrics, lm_metrics
+from common.model import autocast_dtype
+
+StepCallback = Callable[[int, float], None]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one local training call did."""
+
+    loss: float
+    """Mean training loss over the call's batches."""
+    steps: int
+    examples: int
+    tokens: int
+    """Non-padding tokens processed."""
+    seconds: float
+
+
+def lr_at(step: int, peak: float, warmup: int, total: int) -> float:
+    """Learning rate at optimizer step `step` (0-based): linear warmup, then cosine to zero."""
+    if warmup > 0 and step < warmup:
+        return peak * (step + 1) / warmup
+    span = max(total - warmup, 1)
+    progress = min(max(step - warmup, 0) / span, 1.0)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def steps_per_call(num_examples: int, settings: TrainSettings) -> int:
+    """Optimizer steps one training call takes over `num_examples` training records."""
+    if settings.local_steps:
+        return settings.local_steps
+    batches = math.ceil(num_examples / settings.batch_size)
+    return math.ceil(batches / settings.grad_accum_steps) * settings.local_epochs
+
+
+def train_local(
+    model: PeftModel,
+    data: Tokenized,
+    cfg: FedtuneConfig,
+    *,
+    start_step: int = 0,
+    on_step: StepCallback | None = None,
+) -> TrainResult:
+    """Train the adapter in place with AdamW for one call's steps.
+
+    `start_step` places this call on a schedule that may span federated rounds
+    (`train.schedule-steps`); batch order and dropout are seeded from `train.seed` and it.
+    """
+    settings = cfg.train
+    if len(data) == 0:
+        raise ValueError("no training records: the training split is empty")
+    steps = steps_per_call(len(data), settings)
+    total = settings.schedule_steps or start_step + steps
+    device = next(model.parameters()).device
+    amp = autocast_dtype(cfg.model, device)
+    optimizer = _optimizer(model, settings)
+    task = cfg.model.task
+    model.train()
+    started = time.perf_counter()
+    loss_sum, batches, examples, tokens = 0.0, 0, 0, 0
+    stream = _batch_stream(data, settings, start_step)
+    with _seeded(settings.seed + start_step, device):
+        for step in range(steps):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(
+                    start_step + step, settings.learning_rate, settings.warmup_steps, total
+                )
+            step_loss = 0.0
+            for _ in range(settings.grad_accum_steps):
+                batch = {k: v.to(device, non_blocking=True) for k, v in next(stream).items()}
+                with torch.autocast(
+                    device.type, dtype=amp or torch.float32, enabled=amp is not None
+                ):
+                    loss = _loss(model, batch, task, reduction="mean")
+                (loss / settings.grad_accum_steps).backward()
+                step_loss += loss.item() / settings.grad_accum_steps
+                batches += 1
+                examples += batch["input_ids"].shape[0]
+                tokens += int(batch["attention_mask"].sum())
+            if settings.max_grad_norm > 0:
+                params = [p for g in optimizer.param_groups for p in g["params"]]
+                torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum += step_loss
+            if on_step is not None:
+                on_step(step + 1, step_loss)
+    return TrainResult(
+        loss=loss_sum / steps,
+        steps=steps,
+        examples=examples,
+        tokens=tokens,
+        seconds=time.perf_counter() - started,
+    )
+
+
+@torch.inference_mode()
+def evaluate(model: PeftModel, data: Tokenized, cfg: FedtuneConfig) -> dict[str, float]:
+    """Metrics on a split: classification scores and loss, or causal-LM loss and perplexity."""
+    if len(data) == 0:
+        raise ValueError("no records to evaluate: the split is empty")
+    device = next(model.parameters()).device
+    amp = autocast_dtype(cfg.model, device)
+    model.eval()
+    loss_sum, counted = 0.0, 0
+    probs, labels = [], []
+    for batch in iter_batches(data, cfg.train.batch_size * 2, shuffle=False):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            if cfg.model.task == "classification":
+                logits = model(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                ).logits.float()
+                loss_sum += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
+                counted += len(logits)
+                probs.append(torch.softmax(logits, dim=-1).cpu().numpy())
+                labels.append(batch["labels"].cpu().numpy())
+            else:
+                loss_sum += _loss(model, batch, "causal-lm", reduction="sum").item()
+                counted += int((batch["labels"][:, 1:] != IGNORE).sum())
+    if cfg.model.task != "classification":
+        return lm_metrics(loss_sum, counted)
+    metrics = classification_metrics(np.concatenate(labels), np.concatenate(probs))
+    return {**metrics, "loss": loss_sum / counted}
+
+
+def _loss(
+    model: PeftModel, batch: dict[str, torch.Tensor], task: str, reduction: str
+) -> torch.Tensor:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    if task == "classification":
+        return F.cross_entropy(logits.float(), batch["labels"], reduction=reduction)
+    # Next-token prediction: position t predicts token t+1; prompt and padding are IGNORE.
+    shifted = logits[:, :-1].float()
+    return F.cross_entropy(
+        shifted.reshape(-1, shifted.shape[-1]),
+        batch["labels"][:, 1:].reshape(-1),
+        ignore_index=IGNORE,
+        reduction=reduction,
+    )
+
+
+def _optimizer(model: PeftModel, settings: TrainSettings) -> torch.optim.AdamW:
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
+    return torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": settings.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=settings.learning_rate,
+    )
+
+
+def _batch_stream(
+    data: Tokenized, settings: TrainSettings, start_step: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless batches: epoch after epoch, each in a fresh seeded order."""
+    epoch = 0
+    while True:
+        seed = int(np.random.SeedSequence([settings.seed, start_step, epoch]).generate_state(1)[0])
+        yield from iter_batches(data, settings.batch_size, shuffle=True, seed=seed)
+        epoch += 1
+
+
+@contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed dropout for this call without disturbing the caller's RNG state."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield

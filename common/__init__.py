@@ -1,0 +1,4 @@
+"""Shared by site and coordinator: configuration, models, adapters, metrics.
+
+Imports neither `client` nor `server`.
+"""

