@@ -86,9 +86,7 @@ def train_local(
             step_loss = 0.0
             for _ in range(settings.grad_accum_steps):
                 batch = {k: v.to(device, non_blocking=True) for k, v in next(stream).items()}
-                with torch.autocast(
-                    device.type, dtype=amp or torch.float32, enabled=amp is not None
-                ):
+                with _autocast(device, amp):
                     loss = _loss(model, batch, task, reduction="mean")
                 (loss / settings.grad_accum_steps).backward()
                 step_loss += loss.item() / settings.grad_accum_steps
@@ -124,7 +122,7 @@ def evaluate(model: PeftModel, data: Tokenized, cfg: FedtuneConfig) -> dict[str,
     probs, labels = [], []
     for batch in iter_batches(data, cfg.train.batch_size * 2, shuffle=False):
         batch = {k: v.to(device) for k, v in batch.items()}
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        with _autocast(device, amp):
             if cfg.model.task == "classification":
                 logits = model(
                     input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
@@ -180,6 +178,10 @@ def _batch_stream(
         seed = int(np.random.SeedSequence([settings.seed, start_step, epoch]).generate_state(1)[0])
         yield from iter_batches(data, settings.batch_size, shuffle=True, seed=seed)
         epoch += 1
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
 @contextmanager

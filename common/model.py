@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -144,7 +145,10 @@ def _build(path: Path, settings: ModelSettings, lora: LoraSettings, device: torc
         base = _load_base(path, settings, dtype, tokenizer)
         peft_config = _lora_config(base, settings, lora)
         try:
-            model = get_peft_model(base, peft_config)
+            with warnings.catch_warnings():
+                # peft asks transformers a question it has deprecated; nothing for users to do
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+                model = get_peft_model(base, peft_config)
         except ValueError as e:
             raise ModelError(
                 f'lora.target-modules "{lora.target_modules}" does not match the model: {e}. '
@@ -170,8 +174,10 @@ def _load_base(
         else AutoModelForCausalLM
     )
     extra = {"num_labels": settings.num_labels} if settings.task == "classification" else {}
+    # Quiet: the new head's "newly initialized" notice and a per-tensor progress bar.
     verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # the new head's "newly initialized" notice
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     try:
         base = auto.from_pretrained(path, local_files_only=True, dtype=dtype, **extra)
     except (OSError, ValueError, RuntimeError) as e:
@@ -181,6 +187,7 @@ def _load_base(
         ) from e
     finally:
         transformers.logging.set_verbosity(verbosity)
+        transformers.logging.enable_progress_bar()
     if base.config.pad_token_id is None:
         base.config.pad_token_id = tokenizer.pad_token_id
     for param in base.parameters():

@@ -43,40 +43,40 @@ RISK_MODEL: dict[str, float] = {
     "intercept": -2.6,
     "age_per_decade_over_65": 0.12,
     "sex:M": 0.05,
-    "reason:heart_failure": 0.6,
-    "reason:copd_exacerbation": 0.5,
-    "reason:pneumonia": 0.15,
-    "reason:sepsis": 0.35,
-    "reason:gi_bleed": 0.3,
+    "reason:heart_failure": 0.9,
+    "reason:copd_exacerbation": 0.75,
+    "reason:pneumonia": 0.2,
+    "reason:sepsis": 0.5,
+    "reason:gi_bleed": 0.45,
     "reason:hip_fracture": 0.0,
-    "reason:stroke": 0.1,
-    "reason:dka": 0.45,
-    "reason:cellulitis": -0.4,
-    "reason:knee_replacement": -1.4,
-    "reason:chest_pain": -0.8,
-    "reason:hepatic_encephalopathy": 0.7,
-    "reason:uti": -0.1,
-    "reason:syncope": -0.5,
-    "comorbidity:chf": 0.45,
-    "comorbidity:copd": 0.35,
-    "comorbidity:ckd": 0.4,
-    "comorbidity:diabetes": 0.15,
-    "comorbidity:afib": 0.15,
-    "comorbidity:cirrhosis": 0.6,
-    "comorbidity:dementia": 0.35,
-    "comorbidity:cancer": 0.5,
-    "comorbidity:depression": 0.1,
+    "reason:stroke": 0.15,
+    "reason:dka": 0.7,
+    "reason:cellulitis": -0.6,
+    "reason:knee_replacement": -2.1,
+    "reason:chest_pain": -1.2,
+    "reason:hepatic_encephalopathy": 1.0,
+    "reason:uti": -0.15,
+    "reason:syncope": -0.75,
+    "comorbidity:chf": 0.7,
+    "comorbidity:copd": 0.5,
+    "comorbidity:ckd": 0.6,
+    "comorbidity:diabetes": 0.2,
+    "comorbidity:afib": 0.2,
+    "comorbidity:cirrhosis": 0.9,
+    "comorbidity:dementia": 0.5,
+    "comorbidity:cancer": 0.75,
+    "comorbidity:depression": 0.15,
     "comorbidity:hypertension": 0.0,
     "comorbidity:hyperlipidemia": 0.0,
     "comorbidity:obesity": 0.0,
     "disposition:home": 0.0,
-    "disposition:home_services": 0.3,
-    "disposition:snf": 0.6,
-    "disposition:rehab": 0.2,
-    "disposition:ama": 1.2,
-    "prior_admissions_each_up_to_4": 0.32,
-    "follow_up:none": 0.7,
-    "follow_up:within_7_days": -0.25,
+    "disposition:home_services": 0.45,
+    "disposition:snf": 0.9,
+    "disposition:rehab": 0.3,
+    "disposition:ama": 1.8,
+    "prior_admissions_each_up_to_4": 0.5,
+    "follow_up:none": 1.0,
+    "follow_up:within_7_days": -0.35,
     "length_of_stay_per_day_up_to_14": 0.04,
     "creatinine_per_mg_dl_over_1.2": 0.25,
     "hemoglobin_per_g_dl_under_11": 0.12,
@@ -101,86 +101,204 @@ class _Reason:
 
 REASONS: dict[str, _Reason] = {
     "heart_failure": _Reason(
-        "heart failure exacerbation", ("a heart failure exacerbation", "acute decompensated heart failure"),
-        ("CHF exacerbation", "CHF exac"), 1.2, "cardiology", 5, "chf", 1.3,
-        ("diuresed with intravenous furosemide with good urine output", "treated with IV diuresis and weaned off oxygen"),
+        "heart failure exacerbation",
+        ("a heart failure exacerbation", "acute decompensated heart failure"),
+        ("CHF exacerbation", "CHF exac"),
+        1.2,
+        "cardiology",
+        5,
+        "chf",
+        1.3,
+        (
+            "diuresed with intravenous furosemide with good urine output",
+            "treated with IV diuresis and weaned off oxygen",
+        ),
         (("furosemide 40 mg daily", "furosemide 80 mg twice daily", "torsemide 20 mg daily"),),
     ),
     "copd_exacerbation": _Reason(
-        "COPD exacerbation", ("a COPD exacerbation", "an acute exacerbation of COPD"),
-        ("COPD exacerbation", "COPD exac"), 1.0, "pulmonology", 4, "copd", 1.2,
-        ("treated with nebulized bronchodilators and systemic steroids", "given steroids, azithromycin and nebulizers"),
+        "COPD exacerbation",
+        ("a COPD exacerbation", "an acute exacerbation of COPD"),
+        ("COPD exacerbation", "COPD exac"),
+        1.0,
+        "pulmonology",
+        4,
+        "copd",
+        1.2,
+        (
+            "treated with nebulized bronchodilators and systemic steroids",
+            "given steroids, azithromycin and nebulizers",
+        ),
         (("prednisone 40 mg daily for 5 days",), ("albuterol inhaler as needed",)),
     ),
     "pneumonia": _Reason(
-        "pneumonia", ("community-acquired pneumonia", "a right lower lobe pneumonia"),
-        ("pneumonia", "PNA"), 1.2, "primary care", 4, None, 1.0,
-        ("treated with intravenous ceftriaxone and azithromycin", "treated with IV antibiotics and supplemental oxygen"),
+        "pneumonia",
+        ("community-acquired pneumonia", "a right lower lobe pneumonia"),
+        ("pneumonia", "PNA"),
+        1.2,
+        "primary care",
+        4,
+        None,
+        1.0,
+        (
+            "treated with intravenous ceftriaxone and azithromycin",
+            "treated with IV antibiotics and supplemental oxygen",
+        ),
         (("amoxicillin-clavulanate 875 mg twice daily", "cefpodoxime 200 mg twice daily"),),
     ),
     "sepsis": _Reason(
-        "sepsis", ("sepsis from a urinary source", "sepsis from a presumed pulmonary source"),
-        ("sepsis", "urosepsis"), 0.9, "infectious disease", 6, None, 1.2,
-        ("received fluid resuscitation and broad-spectrum antibiotics", "required a brief ICU stay for pressors"),
+        "sepsis",
+        ("sepsis from a urinary source", "sepsis from a presumed pulmonary source"),
+        ("sepsis", "urosepsis"),
+        0.9,
+        "infectious disease",
+        6,
+        None,
+        1.2,
+        (
+            "received fluid resuscitation and broad-spectrum antibiotics",
+            "required a brief ICU stay for pressors",
+        ),
         (("ciprofloxacin 500 mg twice daily", "cefpodoxime 200 mg twice daily"),),
     ),
     "gi_bleed": _Reason(
-        "GI bleed", ("an upper GI bleed", "a lower GI bleed"), ("GI bleed", "UGIB"), 0.7,
-        "gastroenterology", 4, None, 1.1,
-        ("underwent endoscopy and received two units of packed red cells", "transfused and scoped without further bleeding"),
+        "GI bleed",
+        ("an upper GI bleed", "a lower GI bleed"),
+        ("GI bleed", "UGIB"),
+        0.7,
+        "gastroenterology",
+        4,
+        None,
+        1.1,
+        (
+            "underwent endoscopy and received two units of packed red cells",
+            "transfused and scoped without further bleeding",
+        ),
         (("pantoprazole 40 mg twice daily",),),
     ),
     "hip_fracture": _Reason(
-        "hip fracture", ("a right hip fracture after a fall", "a left hip fracture after a fall"),
-        ("hip fracture", "hip fx s/p fall"), 0.6, "orthopedics", 5, None, 1.0,
-        ("underwent surgical repair on hospital day 2", "had operative fixation and worked with physical therapy"),
+        "hip fracture",
+        ("a right hip fracture after a fall", "a left hip fracture after a fall"),
+        ("hip fracture", "hip fx s/p fall"),
+        0.6,
+        "orthopedics",
+        5,
+        None,
+        1.0,
+        (
+            "underwent surgical repair on hospital day 2",
+            "had operative fixation and worked with physical therapy",
+        ),
         (("oxycodone 5 mg every 6 hours as needed",), ("enoxaparin 40 mg daily",)),
     ),
     "stroke": _Reason(
-        "stroke", ("an acute ischemic stroke", "a small left-sided ischemic stroke"),
-        ("stroke", "CVA"), 0.6, "neurology", 5, None, 1.0,
-        ("evaluated by neurology; MRI showed a small infarct", "had residual mild weakness with speech therapy input"),
+        "stroke",
+        ("an acute ischemic stroke", "a small left-sided ischemic stroke"),
+        ("stroke", "CVA"),
+        0.6,
+        "neurology",
+        5,
+        None,
+        1.0,
+        (
+            "evaluated by neurology; MRI showed a small infarct",
+            "had residual mild weakness with speech therapy input",
+        ),
         (("aspirin 81 mg daily",), ("atorvastatin 80 mg nightly",)),
     ),
     "dka": _Reason(
-        "diabetic ketoacidosis", ("diabetic ketoacidosis",), ("DKA", "diabetic ketoacidosis"), 0.4,
-        "endocrinology", 3, "diabetes", 0.8,
-        ("treated with an insulin infusion and fluids until the gap closed", "treated per DKA protocol"),
+        "diabetic ketoacidosis",
+        ("diabetic ketoacidosis",),
+        ("DKA", "diabetic ketoacidosis"),
+        0.4,
+        "endocrinology",
+        3,
+        "diabetes",
+        0.8,
+        (
+            "treated with an insulin infusion and fluids until the gap closed",
+            "treated per DKA protocol",
+        ),
         (("insulin glargine 24 units nightly",), ("insulin lispro with meals",)),
     ),
     "cellulitis": _Reason(
-        "cellulitis", ("cellulitis of the left leg", "cellulitis of the right leg"),
-        ("cellulitis", "LLE cellulitis"), 0.8, "primary care", 3, None, 0.8,
+        "cellulitis",
+        ("cellulitis of the left leg", "cellulitis of the right leg"),
+        ("cellulitis", "LLE cellulitis"),
+        0.8,
+        "primary care",
+        3,
+        None,
+        0.8,
         ("treated with IV cefazolin with improving erythema", "improved on IV antibiotics"),
         (("cephalexin 500 mg four times daily",),),
     ),
     "knee_replacement": _Reason(
-        "elective knee replacement", ("an elective total knee replacement", "a planned knee arthroplasty"),
-        ("elective TKA", "elective knee replacement"), 0.8, "orthopedics", 2, None, 0.5,
+        "elective knee replacement",
+        ("an elective total knee replacement", "a planned knee arthroplasty"),
+        ("elective TKA", "elective knee replacement"),
+        0.8,
+        "orthopedics",
+        2,
+        None,
+        0.5,
         ("underwent uncomplicated total knee arthroplasty", "had an uneventful knee replacement"),
         (("acetaminophen 1 g three times daily",), ("aspirin 81 mg twice daily",)),
     ),
     "chest_pain": _Reason(
-        "chest pain", ("chest pain; myocardial infarction was ruled out", "atypical chest pain"),
-        ("chest pain, MI r/o", "chest pain"), 0.9, "cardiology", 1.5, None, 0.8,
-        ("serial troponins were negative and a stress test was normal", "ruled out for acute coronary syndrome"),
+        "chest pain",
+        ("chest pain; myocardial infarction was ruled out", "atypical chest pain"),
+        ("chest pain, MI r/o", "chest pain"),
+        0.9,
+        "cardiology",
+        1.5,
+        None,
+        0.8,
+        (
+            "serial troponins were negative and a stress test was normal",
+            "ruled out for acute coronary syndrome",
+        ),
         (("aspirin 81 mg daily",),),
     ),
     "hepatic_encephalopathy": _Reason(
-        "hepatic encephalopathy", ("hepatic encephalopathy",), ("hepatic encephalopathy", "HE"), 0.3,
-        "hepatology", 5, "cirrhosis", 1.2,
-        ("treated with lactulose with improved mental status", "improved on lactulose and rifaximin"),
+        "hepatic encephalopathy",
+        ("hepatic encephalopathy",),
+        ("hepatic encephalopathy", "HE"),
+        0.3,
+        "hepatology",
+        5,
+        "cirrhosis",
+        1.2,
+        (
+            "treated with lactulose with improved mental status",
+            "improved on lactulose and rifaximin",
+        ),
         (("lactulose 20 g three times daily",), ("rifaximin 550 mg twice daily",)),
     ),
     "uti": _Reason(
-        "urinary tract infection", ("a urinary tract infection", "a complicated urinary tract infection"),
-        ("UTI",), 0.7, "primary care", 3, None, 1.0,
+        "urinary tract infection",
+        ("a urinary tract infection", "a complicated urinary tract infection"),
+        ("UTI",),
+        0.7,
+        "primary care",
+        3,
+        None,
+        1.0,
         ("treated with IV ceftriaxone and narrowed per cultures", "improved on antibiotics"),
         (("nitrofurantoin 100 mg twice daily", "cephalexin 500 mg twice daily"),),
     ),
     "syncope": _Reason(
-        "syncope", ("syncope", "a syncopal episode"), ("syncope",), 0.6, "cardiology", 2, None, 0.9,
-        ("telemetry was unremarkable and an echocardiogram was normal", "had orthostatic vitals and a benign work-up"),
+        "syncope",
+        ("syncope", "a syncopal episode"),
+        ("syncope",),
+        0.6,
+        "cardiology",
+        2,
+        None,
+        0.9,
+        (
+            "telemetry was unremarkable and an echocardiogram was normal",
+            "had orthostatic vitals and a benign work-up",
+        ),
         (),
     ),
 }
@@ -196,35 +314,102 @@ class _Comorbidity:
 
 
 COMORBIDITIES: dict[str, _Comorbidity] = {
-    "chf": _Comorbidity(("congestive heart failure", "chronic heart failure", "heart failure with reduced ejection fraction"), "CHF", 0.18, 0.03,
-                        (("metoprolol succinate 25 mg daily", "carvedilol 12.5 mg twice daily"), ("lisinopril 10 mg daily", "sacubitril-valsartan 24-26 mg twice daily"))),
-    "copd": _Comorbidity(("COPD", "chronic obstructive pulmonary disease"), "COPD", 0.16, 0.02,
-                         (("tiotropium inhaler daily",), ("albuterol inhaler as needed",))),
-    "ckd": _Comorbidity(("chronic kidney disease", "chronic kidney disease stage 3", "CKD stage 4"), "CKD", 0.18, 0.03,
-                        (("sodium bicarbonate 650 mg twice daily", "calcitriol 0.25 mcg daily"),)),
-    "diabetes": _Comorbidity(("type 2 diabetes", "diabetes mellitus", "insulin-dependent diabetes"), "DM2", 0.28, 0.01,
-                             (("metformin 500 mg twice daily", "insulin glargine 20 units nightly"),)),
-    "afib": _Comorbidity(("atrial fibrillation", "paroxysmal atrial fibrillation"), "AFib", 0.14, 0.05,
-                         (("apixaban 5 mg twice daily", "warfarin 5 mg daily"), ("diltiazem 120 mg daily",))),
-    "cirrhosis": _Comorbidity(("cirrhosis", "alcohol-related cirrhosis"), "cirrhosis", 0.05, -0.02,
-                              (("spironolactone 50 mg daily",), ("lactulose 20 g twice daily",))),
-    "dementia": _Comorbidity(("dementia", "moderate dementia"), "dementia", 0.06, 0.09,
-                             (("donepezil 10 mg nightly",),)),
-    "cancer": _Comorbidity(("metastatic lung cancer", "colon cancer on chemotherapy", "breast cancer under treatment", "prostate cancer"), "cancer", 0.1, 0.02,
-                           (("ondansetron 8 mg as needed for nausea",),)),
-    "hypertension": _Comorbidity(("hypertension",), "HTN", 0.5, 0.03, (("amlodipine 5 mg daily", "hydrochlorothiazide 25 mg daily"),)),
-    "hyperlipidemia": _Comorbidity(("hyperlipidemia",), "HLD", 0.38, 0.01, (("atorvastatin 40 mg nightly",),)),
-    "depression": _Comorbidity(("depression", "major depressive disorder"), "depression", 0.14, 0.0, (("sertraline 50 mg daily",),)),
+    "chf": _Comorbidity(
+        (
+            "congestive heart failure",
+            "chronic heart failure",
+            "heart failure with reduced ejection fraction",
+        ),
+        "CHF",
+        0.18,
+        0.03,
+        (
+            ("metoprolol succinate 25 mg daily", "carvedilol 12.5 mg twice daily"),
+            ("lisinopril 10 mg daily", "sacubitril-valsartan 24-26 mg twice daily"),
+        ),
+    ),
+    "copd": _Comorbidity(
+        ("COPD", "chronic obstructive pulmonary disease"),
+        "COPD",
+        0.16,
+        0.02,
+        (("tiotropium inhaler daily",), ("albuterol inhaler as needed",)),
+    ),
+    "ckd": _Comorbidity(
+        ("chronic kidney disease", "chronic kidney disease stage 3", "CKD stage 4"),
+        "CKD",
+        0.18,
+        0.03,
+        (("sodium bicarbonate 650 mg twice daily", "calcitriol 0.25 mcg daily"),),
+    ),
+    "diabetes": _Comorbidity(
+        ("type 2 diabetes", "diabetes mellitus", "insulin-dependent diabetes"),
+        "DM2",
+        0.28,
+        0.01,
+        (("metformin 500 mg twice daily", "insulin glargine 20 units nightly"),),
+    ),
+    "afib": _Comorbidity(
+        ("atrial fibrillation", "paroxysmal atrial fibrillation"),
+        "AFib",
+        0.14,
+        0.05,
+        (("apixaban 5 mg twice daily", "warfarin 5 mg daily"), ("diltiazem 120 mg daily",)),
+    ),
+    "cirrhosis": _Comorbidity(
+        ("cirrhosis", "alcohol-related cirrhosis"),
+        "cirrhosis",
+        0.05,
+        -0.02,
+        (("spironolactone 50 mg daily",), ("lactulose 20 g twice daily",)),
+    ),
+    "dementia": _Comorbidity(
+        ("dementia", "moderate dementia"), "dementia", 0.06, 0.09, (("donepezil 10 mg nightly",),)
+    ),
+    "cancer": _Comorbidity(
+        (
+            "metastatic lung cancer",
+            "colon cancer on chemotherapy",
+            "breast cancer under treatment",
+            "prostate cancer",
+        ),
+        "cancer",
+        0.1,
+        0.02,
+        (("ondansetron 8 mg as needed for nausea",),),
+    ),
+    "hypertension": _Comorbidity(
+        ("hypertension",),
+        "HTN",
+        0.5,
+        0.03,
+        (("amlodipine 5 mg daily", "hydrochlorothiazide 25 mg daily"),),
+    ),
+    "hyperlipidemia": _Comorbidity(
+        ("hyperlipidemia",), "HLD", 0.38, 0.01, (("atorvastatin 40 mg nightly",),)
+    ),
+    "depression": _Comorbidity(
+        ("depression", "major depressive disorder"),
+        "depression",
+        0.14,
+        0.0,
+        (("sertraline 50 mg daily",),),
+    ),
     "obesity": _Comorbidity(("obesity",), "obesity", 0.2, -0.01, ()),
 }
 
 DISPOSITIONS: dict[str, tuple[str, str, str]] = {  # canonical, narrative, terse
     "home": ("home", "discharged home", "home"),
-    "home_services": ("home with services", "discharged home with home health services", "home w/ services"),
+    "home_services": (
+        "home with services",
+        "discharged home with home health services",
+        "home w/ services",
+    ),
     "snf": ("skilled nursing facility", "discharged to a skilled nursing facility", "SNF"),
     "rehab": ("rehabilitation facility", "discharged to an acute rehabilitation facility", "rehab"),
     "ama": ("left against medical advice", "left against medical advice", "left AMA"),
 }
+SERIOUS_COMORBIDITIES = frozenset({"chf", "copd", "ckd", "cirrhosis", "dementia", "cancer"})
 NUMBER_WORDS = ("no", "one", "two", "three", "four", "five", "six")
 FOLLOW_UP_DAYS = (3, 5, 7, 7, 7, 10, 14, 14, 21, 30)
 
@@ -365,9 +550,9 @@ def _weighted(rng: np.random.Generator, keys: Sequence[str], weights: Sequence[f
 
 def sample_patient(profile: SiteProfile, rng: np.random.Generator) -> Patient:
     """Draw one admission from the site's case mix."""
-    age = int(round(rng.normal(profile.mean_age, profile.age_sd)))
+    age = round(float(rng.normal(profile.mean_age, profile.age_sd)))
     while not 18 <= age <= MAX_AGE:
-        age = int(round(rng.normal(profile.mean_age, profile.age_sd)))
+        age = round(float(rng.normal(profile.mean_age, profile.age_sd)))
     sex = "F" if rng.random() < profile.female_fraction else "M"
     reason_key = _weighted(rng, list(REASONS), profile.reason_weights)
     reason = REASONS[reason_key]
@@ -394,7 +579,7 @@ def sample_patient(profile: SiteProfile, rng: np.random.Generator) -> Patient:
     if cardiac:
         bnp = bool(rng.random() < (0.9 if has("chf") else 0.25))
 
-    significant = sum(RISK_MODEL[f"comorbidity:{c}"] >= 0.3 for c in comorbidities)
+    significant = sum(c in SERIOUS_COMORBIDITIES for c in comorbidities)
     stay = reason.stay * math.exp(rng.normal(0, 0.35)) + 0.4 * significant
     length_of_stay = int(min(21, max(1, round(stay))))
 
@@ -449,3 +634,359 @@ def sample_patient(profile: SiteProfile, rng: np.random.Generator) -> Patient:
         follow_up_service=service,
         medications=tuple(medications),
     )
+
+
+def _join(items: Sequence[str]) -> str:
+    if len(items) <= 1:
+        return "".join(items)
+    return f"{', '.join(items[:-1])} and {items[-1]}"
+
+
+def _article(age: int) -> str:
+    return "an" if str(age).startswith("8") or age in (11, 18) else "a"
+
+
+def _count(n: int, rng: np.random.Generator) -> str:
+    """Prior admissions as a word or a digit, so both spellings are learnt."""
+    return NUMBER_WORDS[n] if n == 0 or rng.random() < 0.6 else str(n)
+
+
+def _lab_parts(p: Patient, style: str, rng: np.random.Generator) -> list[str]:
+    terse = style == "terse"
+    parts: list[str] = []
+    if rng.random() < 0.9:
+        note = ""
+        if p.creatinine >= 2.0 and rng.random() < 0.65:
+            note = " (AKI)" if terse else " (acute kidney injury)"
+        parts.append(f"{'Cr' if terse else 'creatinine'} {p.creatinine}{note}")
+    if rng.random() < 0.85:
+        note = " (anemia)" if p.hemoglobin < 10 and rng.random() < 0.65 else ""
+        parts.append(f"{'Hgb' if terse else 'hemoglobin'} {p.hemoglobin}{note}")
+    if rng.random() < 0.75:
+        note = " (hyponatremia)" if p.sodium < 133 and rng.random() < 0.65 else ""
+        parts.append(f"{'Na' if terse else 'sodium'} {p.sodium}{note}")
+    if p.bnp_elevated is not None:
+        parts.append("BNP elevated" if p.bnp_elevated else "BNP normal")
+    return parts
+
+
+def _follow_up(p: Patient, style: str, rng: np.random.Generator) -> str:
+    if p.follow_up_days is None:
+        if style == "terse":
+            return _pick(rng, ("No f/u arranged.", "No follow-up arranged."))
+        if style == "sectioned":
+            return _pick(rng, ("Follow-up: no follow-up arranged", "Follow-up: none arranged"))
+        return _pick(rng, ("No follow-up arranged.", "No follow-up appointment was arranged."))
+    days, service = p.follow_up_days, p.follow_up_service
+    if style == "terse":
+        return f"F/u {service} {days}d."
+    if style == "sectioned":
+        return f"Follow-up: {service} in {days} days"
+    return f"Follow-up with {service} in {days} days."
+
+
+def _prior(p: Patient, style: str, pronoun: str, rng: np.random.Generator) -> str:
+    n = p.prior_admissions
+    count = _count(n, rng)
+    plural = "" if n == 1 else "s"
+    if style == "terse":
+        return f"{count} admit{plural} past yr." if n else "No admits past yr."
+    if style == "sectioned":
+        return f"Prior admissions in past year: {count}"
+    if n == 0:
+        return _pick(rng, ("No prior admissions in the past year.", "First admission this year."))
+    return _pick(
+        rng,
+        (
+            f"{pronoun} has had {count} prior admission{plural} in the past year.",
+            f"{count.capitalize()} prior admission{plural} in the past 12 months.",
+        ),
+    )
+
+
+def _vitals(rng: np.random.Generator, terse: bool) -> str:
+    systolic, rate = int(rng.integers(104, 156)), int(rng.integers(58, 102))
+    if terse:
+        return f"Afebrile, SBP {systolic}, HR {rate}."
+    return f"afebrile, systolic BP {systolic}, heart rate {rate}"
+
+
+def _terse_note(p: Patient, rng: np.random.Generator) -> str:
+    reason = REASONS[p.reason]
+    pmh = ", ".join(COMORBIDITIES[c].terse for c in p.comorbidities) or "none"
+    lines = [
+        f"{p.age}{p.sex} adm for {_pick(rng, reason.terse)}.",
+        f"PMH: {pmh}.",
+        _prior(p, "terse", "", rng),
+        f"LOS {p.length_of_stay}d.",
+    ]
+    labs = _lab_parts(p, "terse", rng)
+    if labs:
+        lines.append(", ".join(labs) + ".")
+    if rng.random() < 0.3:
+        lines.append(_vitals(rng, terse=True))
+    lines.append(f"Dispo: {DISPOSITIONS[p.disposition][2]}.")
+    lines.append(_follow_up(p, "terse", rng))
+    if p.medications:
+        lines.append(f"Meds: {', '.join(p.medications[:4])}.")
+    return " ".join(lines)
+
+
+def _narrative_note(p: Patient, rng: np.random.Generator) -> str:
+    reason = REASONS[p.reason]
+    person = (
+        ("woman" if p.sex == "F" else "man")
+        if rng.random() < 0.7
+        else ("female" if p.sex == "F" else "male")
+    )
+    pronoun = "She" if p.sex == "F" else "He"
+    history = _join([_pick(rng, COMORBIDITIES[c].narrative) for c in p.comorbidities])
+    history = f"a history of {history}" if history else "no significant past medical history"
+    who = f"{p.age}-year-old {person} with {history}"
+    admitted = _pick(rng, reason.narrative)
+    opener = _pick(
+        rng,
+        (
+            f"{_article(p.age).capitalize()} {who} was admitted with {admitted}.",
+            f"The patient is {_article(p.age)} {who} who presented with {admitted}.",
+        ),
+    )
+    course = f"{pronoun} was {_pick(rng, reason.course)}"
+    if p.disposition == "ama":
+        course += f" and left against medical advice on hospital day {p.length_of_stay}."
+    else:
+        course += f"; {pronoun.lower()} was {DISPOSITIONS[p.disposition][1]}"
+        course += f" on hospital day {p.length_of_stay}."
+    sentences = [opener, _prior(p, "narrative", pronoun, rng), course]
+    labs = _lab_parts(p, "narrative", rng)
+    if labs:
+        sentences.append(f"Labs were notable for {_join(labs)}.")
+    sentences.append(_follow_up(p, "narrative", rng))
+    if rng.random() < 0.5:
+        sentences.append(f"At discharge {_vitals(rng, terse=False)}.")
+    if rng.random() < 0.5:
+        walker = rng.random() < (p.age - 30) / 80
+        sentences.append(f"Ambulating {'with a walker' if walker else 'independently'}.")
+    if p.medications:
+        sentences.append(f"Discharge medications: {_join(list(p.medications[:6]))}.")
+    return " ".join(sentences)
+
+
+def _sectioned_note(p: Patient, rng: np.random.Generator) -> str:
+    reason = REASONS[p.reason]
+    sex = "female" if p.sex == "F" else "male"
+    history = "; ".join(_pick(rng, COMORBIDITIES[c].narrative) for c in p.comorbidities)
+    lines = [
+        f"Reason for admission: {_pick(rng, reason.narrative)}",
+        f"Patient: {p.age}-year-old {sex}",
+        f"History: {history or 'none'}",
+        _prior(p, "sectioned", "", rng),
+        f"Hospital course: {_pick(rng, reason.course)}; length of stay {p.length_of_stay} days",
+        f"Disposition: {DISPOSITIONS[p.disposition][0]}",
+        _follow_up(p, "sectioned", rng),
+    ]
+    labs = _lab_parts(p, "sectioned", rng)
+    if labs:
+        lines.append(f"Labs: {'; '.join(labs)}")
+    if rng.random() < 0.4:
+        lines.append(f"Vitals: {_vitals(rng, terse=False)}")
+    if p.medications:
+        lines.append("Discharge medications:")
+        lines.extend(f"- {med}" for med in p.medications[:5])
+    return "\n".join(lines)
+
+
+def render_note(patient: Patient, style: str, rng: np.random.Generator) -> str:
+    """Write one de-identified discharge note in the given style."""
+    if style == "terse":
+        return _terse_note(patient, rng)
+    if style == "narrative":
+        return _narrative_note(patient, rng)
+    if style == "sectioned":
+        return _sectioned_note(patient, rng)
+    raise ValueError(f"unknown note style {style!r}; expected one of {', '.join(STYLES)}")
+
+
+def instruct_record(
+    note: str, patient: Patient, label: int, rng: np.random.Generator
+) -> dict[str, str]:
+    """A prompt/completion pair about the note; the completion starts with a space."""
+    roll = rng.random()
+    if roll < 0.5:
+        question, answer = READMISSION_QUESTION, "yes" if label else "no"
+    elif roll < 0.8:
+        question, answer = REASON_QUESTION, REASONS[patient.reason].canonical
+    else:
+        question, answer = DISPOSITION_QUESTION, DISPOSITIONS[patient.disposition][0]
+    return {"prompt": f"{note}\n\nQuestion: {question}\nAnswer:", "completion": f" {answer}"}
+
+
+def _spread(rng: np.random.Generator, low: float, high: float, n: int) -> np.ndarray:
+    """n values evenly spread over [low, high] in random order, so sites always differ."""
+    if n == 1:
+        return np.array([(low + high) / 2])
+    return rng.permutation(np.linspace(low, high, n))
+
+
+def _solve_shift(profile: SiteProfile, rng: np.random.Generator, samples: int = 3000) -> float:
+    """Intercept shift that makes the site's mean risk equal its target prevalence."""
+    logits = np.array([risk_logit(sample_patient(profile, rng)) for _ in range(samples)])
+    low, high = -6.0, 6.0
+    for _ in range(50):
+        mid = (low + high) / 2
+        if np.mean(1 / (1 + np.exp(-(logits + mid)))) < profile.target_prevalence:
+            low = mid
+        else:
+            high = mid
+    return round((low + high) / 2, 4)
+
+
+def site_profiles(
+    num_sites: int, seed: int = 0, records_per_site: int | None = None, test_records: int = 200
+) -> list[SiteProfile]:
+    """Draw heterogeneous sites: case mix, prevalence 0.20-0.45, size, dominant note style."""
+    if num_sites < 1:
+        raise ValueError(f"num_sites must be at least 1, got {num_sites}")
+    if records_per_site is not None and records_per_site < 1:
+        raise ValueError(f"records_per_site must be at least 1, got {records_per_site}")
+    if test_records < 1:
+        raise ValueError(f"test_records must be at least 1, got {test_records}")
+    mean_records = records_per_site or DEFAULT_MEAN_RECORDS
+    rng = np.random.default_rng([seed, 0, 0])
+    sizes = _spread(rng, 0.45, 1.55, num_sites) * mean_records
+    prevalences = _spread(rng, 0.2, 0.45, num_sites)
+    dominant = [STYLES[int(i) % len(STYLES)] for i in rng.permutation(num_sites)]
+    base_reasons = np.array([r.weight for r in REASONS.values()])
+    profiles = []
+    for i in range(num_sites):
+        site_rng = np.random.default_rng([seed, i + 1, 0])
+        reasons = base_reasons * np.exp(site_rng.normal(0, 0.7, len(base_reasons)))
+        share = float(site_rng.uniform(0.6, 0.8))
+        styles = [share if s == dominant[i] else (1 - share) / 2 for s in STYLES]
+        jitter = float(site_rng.uniform(-0.015, 0.015))
+        profile = SiteProfile(
+            name=f"site-{i + 1}",
+            index=i + 1,
+            train_records=max(1, round(float(sizes[i]))),
+            test_records=test_records,
+            mean_age=round(float(site_rng.uniform(58, 76)), 2),
+            age_sd=round(float(site_rng.uniform(11, 16)), 2),
+            female_fraction=round(float(site_rng.uniform(0.42, 0.6)), 3),
+            reason_weights=tuple(round(float(w), 4) for w in reasons / reasons.sum()),
+            comorbidity_scale=tuple(
+                round(float(s), 3) for s in np.exp(site_rng.normal(0, 0.35, len(COMORBIDITIES)))
+            ),
+            prior_admission_rate=round(float(np.exp(site_rng.normal(0, 0.3))), 3),
+            no_follow_up_rate=round(float(site_rng.uniform(0.08, 0.35)), 3),
+            style_weights=tuple(round(w, 4) for w in styles),
+            target_prevalence=round(float(np.clip(prevalences[i] + jitter, 0.2, 0.45)), 4),
+            intercept_shift=0.0,
+        )
+        shift = _solve_shift(profile, np.random.default_rng([seed, i + 1, 1]))
+        profiles.append(replace(profile, intercept_shift=shift))
+    return profiles
+
+
+def _cases(
+    profile: SiteProfile, count: int, rng: np.random.Generator
+) -> tuple[list[dict[str, Any]], list[dict[str, str]], list[float]]:
+    records, instructs, risks = [], [], []
+    for _ in range(count):
+        patient = sample_patient(profile, rng)
+        risk = readmission_risk(patient, profile.intercept_shift)
+        label = int(rng.random() < risk)
+        style = _weighted(rng, STYLES, profile.style_weights)
+        note = render_note(patient, style, rng)
+        records.append(
+            {"text": note, "label": label, "age_band": age_band(patient.age), "sex": patient.sex}
+        )
+        instructs.append(instruct_record(note, patient, label, rng))
+        risks.append(round(risk, 6))
+    return records, instructs, risks
+
+
+def generate_site(profile: SiteProfile, seed: int = 0) -> SiteData:
+    """Generate a site's train and held-out test records (classification and instruction)."""
+    train, instruct_train, train_risk = _cases(
+        profile, profile.train_records, np.random.default_rng([seed, profile.index, 10])
+    )
+    test, instruct_test, test_risk = _cases(
+        profile, profile.test_records, np.random.default_rng([seed, profile.index, 11])
+    )
+    return SiteData(
+        profile=profile,
+        train=tuple(train),
+        test=tuple(test),
+        instruct_train=tuple(instruct_train),
+        instruct_test=tuple(instruct_test),
+        train_risk=tuple(train_risk),
+        test_risk=tuple(test_risk),
+    )
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _jsonl(records: Iterable[dict[str, Any]]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=True) + "\n" for r in records)
+
+
+def summarize_site(data: SiteData) -> SiteSummary:
+    """Prevalence, mean risk and mean note length of one generated site."""
+    labels = [r["label"] for r in data.train]
+    words = [len(r["text"].split()) for r in data.train]
+    return SiteSummary(
+        name=data.profile.name,
+        train_records=len(data.train),
+        test_records=len(data.test),
+        prevalence=round(float(np.mean(labels)), 4),
+        test_prevalence=round(float(np.mean([r["label"] for r in data.test])), 4),
+        mean_risk=round(float(np.mean(data.train_risk)), 4),
+        intercept_shift=data.profile.intercept_shift,
+        dominant_style=data.profile.dominant_style,
+        mean_words=round(float(np.mean(words)), 1),
+    )
+
+
+def write_federation(
+    out_dir: Path,
+    num_sites: int,
+    seed: int = 0,
+    records_per_site: int | None = None,
+    test_records: int = 200,
+) -> FederationSummary:
+    """Write OUT/site-N/{train,test,instruct-train,instruct-test}.jsonl and OUT/federation.json."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"{out_dir}: output path exists and is not a directory")
+    summaries = []
+    for profile in site_profiles(num_sites, seed, records_per_site, test_records):
+        data = generate_site(profile, seed)
+        site_dir = out_dir / profile.name
+        _write_atomic(site_dir / "train.jsonl", _jsonl(data.train))
+        _write_atomic(site_dir / "test.jsonl", _jsonl(data.test))
+        _write_atomic(site_dir / "instruct-train.jsonl", _jsonl(data.instruct_train))
+        _write_atomic(site_dir / "instruct-test.jsonl", _jsonl(data.instruct_test))
+        summaries.append(summarize_site(data))
+        logger.info(
+            "wrote %s: %d train, %d test records", site_dir, len(data.train), len(data.test)
+        )
+    stale = sorted(
+        p.name
+        for p in out_dir.glob("site-*")
+        if p.is_dir() and p.name not in {s.name for s in summaries}
+    )
+    if stale:
+        logger.warning("%s holds sites from an earlier run, left untouched: %s", out_dir, stale)
+    summary = FederationSummary(out_dir=out_dir, seed=seed, sites=tuple(summaries))
+    _write_atomic(out_dir / "federation.json", json.dumps(summary.to_json(), indent=2) + "\n")
+    return summary

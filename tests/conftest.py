@@ -1,0 +1,95 @@
+"""Shared fixtures: tiny models built from config objects, and small record files."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported anywhere
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+
+from common.model import resolve_model_path
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    return resolve_model_path("builtin:minilm")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Path:
+    """A 2-layer BERT with hidden size 32 and the MiniLM tokenizer."""
+    out = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir, local_files_only=True)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Path:
+    """A 2-layer Llama with hidden size 32, reusing the MiniLM tokenizer's vocabulary."""
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir, local_files_only=True)
+    config = LlamaConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        initializer_range=0.2,  # the default 0.02 leaves a frozen random head near-uniform
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def text_file(tmp_path: Path) -> Path:
+    """Classification records whose label is carried by one word."""
+    rng = random.Random(0)
+    filler = ["patient", "stable", "discharged", "home", "follow", "clinic", "improved", "meds"]
+    rows = []
+    for i in range(96):
+        label = i % 2
+        words = rng.choices(filler, k=rng.randint(4, 14))
+        words.insert(rng.randint(0, len(words)), "worsening" if label else "resolved")
+        rows.append({"text": " ".join(words), "label": label})
+    return write_jsonl(tmp_path / "notes.jsonl", rows)
+
+
+@pytest.fixture
+def instruct_file(tmp_path: Path) -> Path:
+    """Prompt/completion records with a learnable completion."""
+    rows = []
+    for i in range(64):
+        answer = "yes" if i % 2 else "no"
+        prompt = f"note {'heart failure' if i % 2 else 'ankle sprain'} . readmission risk ?"
+        rows.append({"prompt": prompt, "completion": answer})
+    return write_jsonl(tmp_path / "instruct.jsonl", rows)
