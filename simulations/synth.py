@@ -95,7 +95,7 @@ class _Reason:
     stay: float  # typical length of stay in days
     implies: str | None  # comorbidity the reason entails
     frailty: float  # multiplier on comorbidity prevalence
-    course: tuple[str, ...]
+    course: tuple[str, ...]  # verb phrases after "She" or "He"
     meds: tuple[tuple[str, ...], ...]
 
 
@@ -110,8 +110,8 @@ REASONS: dict[str, _Reason] = {
         "chf",
         1.3,
         (
-            "diuresed with intravenous furosemide with good urine output",
-            "treated with IV diuresis and weaned off oxygen",
+            "was diuresed with intravenous furosemide with good urine output",
+            "was treated with IV diuresis and weaned off oxygen",
         ),
         (("furosemide 40 mg daily", "furosemide 80 mg twice daily", "torsemide 20 mg daily"),),
     ),
@@ -125,8 +125,8 @@ REASONS: dict[str, _Reason] = {
         "copd",
         1.2,
         (
-            "treated with nebulized bronchodilators and systemic steroids",
-            "given steroids, azithromycin and nebulizers",
+            "was treated with nebulized bronchodilators and systemic steroids",
+            "received steroids, azithromycin and nebulizers",
         ),
         (("prednisone 40 mg daily for 5 days",), ("albuterol inhaler as needed",)),
     ),
@@ -140,8 +140,8 @@ REASONS: dict[str, _Reason] = {
         None,
         1.0,
         (
-            "treated with intravenous ceftriaxone and azithromycin",
-            "treated with IV antibiotics and supplemental oxygen",
+            "was treated with intravenous ceftriaxone and azithromycin",
+            "was treated with IV antibiotics and supplemental oxygen",
         ),
         (("amoxicillin-clavulanate 875 mg twice daily", "cefpodoxime 200 mg twice daily"),),
     ),
@@ -171,7 +171,7 @@ REASONS: dict[str, _Reason] = {
         1.1,
         (
             "underwent endoscopy and received two units of packed red cells",
-            "transfused and scoped without further bleeding",
+            "was transfused and scoped without further bleeding",
         ),
         (("pantoprazole 40 mg twice daily",),),
     ),
@@ -200,8 +200,8 @@ REASONS: dict[str, _Reason] = {
         None,
         1.0,
         (
-            "evaluated by neurology; MRI showed a small infarct",
-            "had residual mild weakness with speech therapy input",
+            "was evaluated by neurology; MRI showed a small infarct",
+            "had residual mild weakness and was seen by speech therapy",
         ),
         (("aspirin 81 mg daily",), ("atorvastatin 80 mg nightly",)),
     ),
@@ -215,8 +215,8 @@ REASONS: dict[str, _Reason] = {
         "diabetes",
         0.8,
         (
-            "treated with an insulin infusion and fluids until the gap closed",
-            "treated per DKA protocol",
+            "was treated with an insulin infusion and fluids until the gap closed",
+            "was treated per DKA protocol",
         ),
         (("insulin glargine 24 units nightly",), ("insulin lispro with meals",)),
     ),
@@ -229,7 +229,7 @@ REASONS: dict[str, _Reason] = {
         3,
         None,
         0.8,
-        ("treated with IV cefazolin with improving erythema", "improved on IV antibiotics"),
+        ("was treated with IV cefazolin with improving erythema", "improved on IV antibiotics"),
         (("cephalexin 500 mg four times daily",),),
     ),
     "knee_replacement": _Reason(
@@ -254,8 +254,8 @@ REASONS: dict[str, _Reason] = {
         None,
         0.8,
         (
-            "serial troponins were negative and a stress test was normal",
-            "ruled out for acute coronary syndrome",
+            "had negative serial troponins and a normal stress test",
+            "was ruled out for acute coronary syndrome",
         ),
         (("aspirin 81 mg daily",),),
     ),
@@ -269,7 +269,7 @@ REASONS: dict[str, _Reason] = {
         "cirrhosis",
         1.2,
         (
-            "treated with lactulose with improved mental status",
+            "was treated with lactulose with improved mental status",
             "improved on lactulose and rifaximin",
         ),
         (("lactulose 20 g three times daily",), ("rifaximin 550 mg twice daily",)),
@@ -283,7 +283,7 @@ REASONS: dict[str, _Reason] = {
         3,
         None,
         1.0,
-        ("treated with IV ceftriaxone and narrowed per cultures", "improved on antibiotics"),
+        ("was treated with IV ceftriaxone, narrowed per cultures", "improved on antibiotics"),
         (("nitrofurantoin 100 mg twice daily", "cephalexin 500 mg twice daily"),),
     ),
     "syncope": _Reason(
@@ -296,7 +296,7 @@ REASONS: dict[str, _Reason] = {
         None,
         0.9,
         (
-            "telemetry was unremarkable and an echocardiogram was normal",
+            "had unremarkable telemetry and a normal echocardiogram",
             "had orthostatic vitals and a benign work-up",
         ),
         (),
@@ -690,9 +690,9 @@ def _prior(p: Patient, style: str, pronoun: str, rng: np.random.Generator) -> st
     count = _count(n, rng)
     plural = "" if n == 1 else "s"
     if style == "terse":
-        return f"{count} admit{plural} past yr." if n else "No admits past yr."
+        return f"{count.capitalize()} admit{plural} past yr." if n else "No admits past yr."
     if style == "sectioned":
-        return f"Prior admissions in past year: {count}"
+        return f"Prior admissions in past year: {count if n else 'none'}"
     if n == 0:
         return _pick(rng, ("No prior admissions in the past year.", "First admission this year."))
     return _pick(
@@ -714,7 +714,7 @@ def _vitals(rng: np.random.Generator, terse: bool) -> str:
 def _terse_note(p: Patient, rng: np.random.Generator) -> str:
     reason = REASONS[p.reason]
     pmh = ", ".join(COMORBIDITIES[c].terse for c in p.comorbidities) or "none"
-    lines = [
+    parts = [
         f"{p.age}{p.sex} adm for {_pick(rng, reason.terse)}.",
         f"PMH: {pmh}.",
         _prior(p, "terse", "", rng),
@@ -722,24 +722,21 @@ def _terse_note(p: Patient, rng: np.random.Generator) -> str:
     ]
     labs = _lab_parts(p, "terse", rng)
     if labs:
-        lines.append(", ".join(labs) + ".")
-    if rng.random() < 0.3:
-        lines.append(_vitals(rng, terse=True))
-    lines.append(f"Dispo: {DISPOSITIONS[p.disposition][2]}.")
-    lines.append(_follow_up(p, "terse", rng))
+        parts.append(", ".join(labs) + ".")
+    if rng.random() < 0.25:
+        parts.append(_vitals(rng, terse=True))
+    parts.append(f"Dispo: {DISPOSITIONS[p.disposition][2]}.")
+    parts.append(_follow_up(p, "terse", rng))
     if p.medications:
-        lines.append(f"Meds: {', '.join(p.medications[:4])}.")
-    return " ".join(lines)
+        parts.append(f"Meds: {', '.join(p.medications[:2])}.")
+    return " ".join(parts)
 
 
 def _narrative_note(p: Patient, rng: np.random.Generator) -> str:
     reason = REASONS[p.reason]
-    person = (
-        ("woman" if p.sex == "F" else "man")
-        if rng.random() < 0.7
-        else ("female" if p.sex == "F" else "male")
-    )
-    pronoun = "She" if p.sex == "F" else "He"
+    female = p.sex == "F"
+    person = _pick(rng, ("woman", "woman", "female") if female else ("man", "man", "male"))
+    pronoun = "She" if female else "He"
     history = _join([_pick(rng, COMORBIDITIES[c].narrative) for c in p.comorbidities])
     history = f"a history of {history}" if history else "no significant past medical history"
     who = f"{p.age}-year-old {person} with {history}"
@@ -747,11 +744,11 @@ def _narrative_note(p: Patient, rng: np.random.Generator) -> str:
     opener = _pick(
         rng,
         (
-            f"{_article(p.age).capitalize()} {who} was admitted with {admitted}.",
-            f"The patient is {_article(p.age)} {who} who presented with {admitted}.",
+            f"{_article(p.age).capitalize()} {who} was admitted for {admitted}.",
+            f"The patient is {_article(p.age)} {who} who was admitted for {admitted}.",
         ),
     )
-    course = f"{pronoun} was {_pick(rng, reason.course)}"
+    course = f"{pronoun} {_pick(rng, reason.course)}"
     if p.disposition == "ama":
         course += f" and left against medical advice on hospital day {p.length_of_stay}."
     else:
@@ -762,13 +759,13 @@ def _narrative_note(p: Patient, rng: np.random.Generator) -> str:
     if labs:
         sentences.append(f"Labs were notable for {_join(labs)}.")
     sentences.append(_follow_up(p, "narrative", rng))
-    if rng.random() < 0.5:
-        sentences.append(f"At discharge {_vitals(rng, terse=False)}.")
-    if rng.random() < 0.5:
+    if rng.random() < 0.35:
+        sentences.append(f"At discharge {pronoun.lower()} was {_vitals(rng, terse=False)}.")
+    if rng.random() < 0.35:
         walker = rng.random() < (p.age - 30) / 80
         sentences.append(f"Ambulating {'with a walker' if walker else 'independently'}.")
     if p.medications:
-        sentences.append(f"Discharge medications: {_join(list(p.medications[:6]))}.")
+        sentences.append(f"Discharge medications: {_join(list(p.medications[:3]))}.")
     return " ".join(sentences)
 
 
@@ -776,23 +773,25 @@ def _sectioned_note(p: Patient, rng: np.random.Generator) -> str:
     reason = REASONS[p.reason]
     sex = "female" if p.sex == "F" else "male"
     history = "; ".join(_pick(rng, COMORBIDITIES[c].narrative) for c in p.comorbidities)
+    admitted = _pick(rng, reason.narrative).removeprefix("a ").removeprefix("an ")
+    course = _pick(rng, reason.course).removeprefix("was ")
     lines = [
-        f"Reason for admission: {_pick(rng, reason.narrative)}",
+        f"Reason for admission: {admitted}",
         f"Patient: {p.age}-year-old {sex}",
         f"History: {history or 'none'}",
         _prior(p, "sectioned", "", rng),
-        f"Hospital course: {_pick(rng, reason.course)}; length of stay {p.length_of_stay} days",
+        f"Hospital course: {course}; length of stay {p.length_of_stay} days",
         f"Disposition: {DISPOSITIONS[p.disposition][0]}",
         _follow_up(p, "sectioned", rng),
     ]
     labs = _lab_parts(p, "sectioned", rng)
     if labs:
         lines.append(f"Labs: {'; '.join(labs)}")
-    if rng.random() < 0.4:
+    if rng.random() < 0.25:
         lines.append(f"Vitals: {_vitals(rng, terse=False)}")
     if p.medications:
         lines.append("Discharge medications:")
-        lines.extend(f"- {med}" for med in p.medications[:5])
+        lines.extend(f"- {med}" for med in p.medications[:3])
     return "\n".join(lines)
 
 
@@ -828,7 +827,7 @@ def _spread(rng: np.random.Generator, low: float, high: float, n: int) -> np.nda
     return rng.permutation(np.linspace(low, high, n))
 
 
-def _solve_shift(profile: SiteProfile, rng: np.random.Generator, samples: int = 3000) -> float:
+def _solve_shift(profile: SiteProfile, rng: np.random.Generator, samples: int = 2000) -> float:
     """Intercept shift that makes the site's mean risk equal its target prevalence."""
     logits = np.array([risk_logit(sample_patient(profile, rng)) for _ in range(samples)])
     low, high = -6.0, 6.0

@@ -1,0 +1,220 @@
+"""`fedtune-site`: check data, train locally and (later) join a federation, at a site.
+
+fedtune-site check --data notes.jsonl
+fedtune-site train --data notes.jsonl --epochs 3 --out adapter/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from collections import Counter
+from pathlib import Path
+
+from client.records import DataError, Row, read_rows, string_fields, validate_rows
+from common.config import ConfigError, FedtuneConfig, load_config
+
+EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_IDENTIFIERS = 0, 1, 2, 3
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `fedtune-site`."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
+    try:
+        return int(args.run(args))
+    except (ConfigError, DataError, ValueError) as e:
+        print(f"fedtune-site {args.command}: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    except KeyboardInterrupt:
+        print(f"fedtune-site {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedtune-site", description=__doc__.split("\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    check = commands.add_parser(
+        "check",
+        help="validate a data file and scan it for likely identifiers",
+        description="Validate every record and scan the text for likely identifiers (names "
+        "with titles, dates of birth, dates, phone numbers, e-mail addresses, record and "
+        "social security numbers). Reports kinds, counts and row numbers, never the text. "
+        "Exit code: 0 valid and clean, 1 invalid data, 3 valid but identifiers found.",
+    )
+    _data_args(check)
+    check.set_defaults(run=_check)
+
+    train = commands.add_parser(
+        "train",
+        help="fine-tune locally on one data file (no federation)",
+        description="Split the file (train/validation/test, seeded), train the LoRA adapter "
+        "and print validation metrics after every epoch.",
+    )
+    _data_args(train)
+    train.add_argument(
+        "--epochs", type=int, help="passes over the training split (default: train.local-epochs)"
+    )
+    train.add_argument(
+        "--test",
+        type=Path,
+        help="held-out file to score at the end (default: the test split of --data)",
+    )
+    train.add_argument("--out", type=Path, help="write the trained adapter here (PEFT layout)")
+    train.add_argument("--metrics", type=Path, help="write the per-epoch metrics here (JSON)")
+    train.set_defaults(run=_train)
+
+    for name, issue in (("keygen", 4), ("start", 4)):
+        placeholder = commands.add_parser(
+            name, help=f"not implemented yet: arrives with the deployment issue (#{issue})"
+        )
+        placeholder.set_defaults(run=_not_yet(name, issue))
+    return parser
+
+
+def _data_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, required=True, help="JSONL, CSV or Parquet file")
+    parser.add_argument("--config", type=Path, help="TOML file overriding the default settings")
+    parser.add_argument(
+        "--task", choices=("classification", "causal-lm"), help="shorthand for model.task"
+    )
+
+
+def _config(args: argparse.Namespace) -> FedtuneConfig:
+    keys = {"model.task": args.task} if args.task else {}
+    return load_config(keys, args.config)
+
+
+def _check(args: argparse.Namespace) -> int:
+    from client.phi import scan_rows
+
+    cfg = _config(args)
+    rows: list[Row] = list(read_rows(args.data))
+    records, problems = validate_rows(iter(rows), cfg.model, cfg.data)
+    report = scan_rows((r.number, string_fields(r.fields)) for r in rows if r.fields)
+    name = args.data.name
+    if problems or not records:
+        print(DataError(args.data, problems or ["no records in the file"]))
+    else:
+        print(f"{name}: {len(records)} records, valid for {cfg.model.task}")
+        labels = Counter(getattr(r, "label", None) for r in records)
+        if None not in labels:
+            names = cfg.data.label_list
+            shares = ", ".join(
+                f"{names[k] if names else k}: {n} ({n / len(records):.0%})"
+                for k, n in sorted(labels.items())
+            )
+            print(f"  labels: {shares}")
+    if report.clean:
+        print(f"{name}: no likely identifiers found in {report.rows_scanned} records")
+    else:
+        print(f"{name}: likely identifiers found (kinds, counts and rows; text not shown):")
+        for line in report.summary():
+            print(f"  {line}")
+        print("  Remove or mask them before this site joins a federation.")
+    if problems or not records:
+        return EXIT_INVALID
+    return EXIT_OK if report.clean else EXIT_IDENTIFIERS
+
+
+def _train(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from client.dataset import load_eval_file, load_site
+    from client.train import evaluate, steps_per_call, train_local
+    from common.adapter import get_adapter_state, save_adapter
+    from common.model import build_model, set_threads
+
+    cfg = _config(args)
+    epochs = args.epochs or cfg.train.local_epochs
+    if epochs < 1:
+        raise ValueError("--epochs must be at least 1")
+    threads = set_threads(cfg.train.num_threads)
+    site = load_site(args.data, cfg)
+    if len(site.val) == 0:
+        raise ValueError("data.val-fraction leaves no validation records; raise it")
+    one_epoch = cfg.model_copy(update={"train": cfg.train.model_copy(update={"local_epochs": 1})})
+    per_epoch = steps_per_call(len(site.train), one_epoch.train)
+    schedule = cfg.train.schedule_steps or per_epoch * epochs
+    run_cfg = one_epoch.model_copy(
+        update={"train": one_epoch.train.model_copy(update={"schedule_steps": schedule})}
+    )
+    print(
+        f"{args.data.name}: {len(site.train)} train, {len(site.val)} validation, "
+        f"{len(site.test)} test records; {epochs} epochs of {per_epoch} steps on "
+        f"{threads} threads"
+    )
+    model = build_model(run_cfg)
+    history = [{"epoch": 0, **evaluate(model, site.val, run_cfg)}]
+    print(_line("untrained", history[0], run_cfg))
+    for epoch in range(1, epochs + 1):
+        with tqdm(
+            total=per_epoch,
+            desc=f"epoch {epoch}/{epochs}",
+            unit="step",
+            leave=False,
+            file=sys.stderr,
+        ) as bar:
+
+            def advance(step: int, loss: float, bar: tqdm = bar) -> None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}")
+
+            result = train_local(
+                model, site.train, run_cfg, start_step=(epoch - 1) * per_epoch, on_step=advance
+            )
+        metrics = evaluate(model, site.val, run_cfg)
+        history.append(
+            {
+                "epoch": epoch,
+                "train_loss": result.loss,
+                "examples_per_s": result.examples / result.seconds,
+                **metrics,
+            }
+        )
+        print(
+            _line(f"epoch {epoch}/{epochs}", history[-1], run_cfg)
+            + f"  train loss {result.loss:.4f}  {result.examples / result.seconds:.1f} ex/s"
+        )
+    test = load_eval_file(args.test, run_cfg) if args.test else site.test
+    summary: dict[str, object] = {"validation": history}
+    if len(test):
+        summary["test"] = evaluate(model, test, run_cfg)
+        print(_line("test", summary["test"], run_cfg))  # type: ignore[arg-type]
+    if args.out:
+        save_adapter(get_adapter_state(model), model.peft_config["default"], args.out)
+        print(f"adapter written to {args.out}")
+    if args.metrics:
+        args.metrics.write_text(json.dumps(summary, indent=2, allow_nan=True) + "\n")
+    return EXIT_OK
+
+
+def _line(label: str, metrics: dict[str, float], cfg: FedtuneConfig) -> str:
+    names = ("f1", "auroc", "accuracy", "precision", "recall", "loss")
+    if cfg.model.task != "classification":
+        names = ("loss", "perplexity")
+    shown = "  ".join(f"{n} {metrics[n]:.4f}" for n in names if not math.isnan(metrics[n]))
+    return f"{label:>12}  {shown}"
+
+
+def _not_yet(name: str, issue: int):
+    def run(args: argparse.Namespace) -> int:
+        print(
+            f"fedtune-site {name}: not implemented yet; it arrives with the deployment "
+            f"issue (#{issue}). Nothing was done.",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+
+    return run
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""A site's data, ready to train on: records loaded, split and tokenised once per process."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import PreTrainedTokenizerBase
+
+from client.batches import Tokenized, tokenize
+from client.records import Record, TextRecord, load_records
+from client.split import split_records
+from common.config import FedtuneConfig
+from common.model import load_tokenizer, resolve_model_path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SiteData:
+    """Tokenised train, validation and test splits of one data file."""
+
+    train: Tokenized
+    val: Tokenized
+    test: Tokenized
+    label_counts: dict[int, int]
+    """Records per class over the whole file (empty for instruction data)."""
+
+
+_CACHE: dict[tuple[object, ...], SiteData] = {}
+
+
+def load_site(path: Path, cfg: FedtuneConfig) -> SiteData:
+    """Load, validate, split and tokenise a site's file; cached until the file changes."""
+    path = Path(path).resolve()
+    stat = path.stat() if path.is_file() else None
+    key = (path, stat and (stat.st_mtime_ns, stat.st_size), cfg.model, cfg.data)
+    if key not in _CACHE:
+        records = load_records(path, cfg.model, cfg.data)
+        _CACHE[key] = _prepare(records, cfg)
+        site = _CACHE[key]
+        log.info(
+            "%s: %d records -> %d train, %d validation, %d test",
+            path.name,
+            len(records),
+            len(site.train),
+            len(site.val),
+            len(site.test),
+        )
+    return _CACHE[key]
+
+
+def load_eval_file(path: Path, cfg: FedtuneConfig) -> Tokenized:
+    """Tokenise a whole file as one evaluation split (for example a held-out test file)."""
+    records = load_records(Path(path), cfg.model, cfg.data)
+    return tokenize(records, _tokenizer(cfg), cfg.data.max_length)
+
+
+def _tokenizer(cfg: FedtuneConfig) -> PreTrainedTokenizerBase:
+    return load_tokenizer(resolve_model_path(cfg.model.path))
+
+
+def _prepare(records: list[Record], cfg: FedtuneConfig) -> SiteData:
+    tokenizer = _tokenizer(cfg)
+    splits = split_records(
+        records, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed
+    )
+    labels = Counter(r.label for r in records if isinstance(r, TextRecord))
+    return SiteData(
+        train=tokenize(splits.train, tokenizer, cfg.data.max_length),
+        val=tokenize(splits.val, tokenizer, cfg.data.max_length),
+        test=tokenize(splits.test, tokenizer, cfg.data.max_length),
+        label_counts=dict(sorted(labels.items())),
+    )
