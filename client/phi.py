@@ -1,7 +1,7 @@
 """Scan site records for likely direct identifiers (PHI) and report where, never what.
 
 The report holds kinds, counts and row numbers only: it leaves the operator's terminal
-(tickets, chat), so the matched text is never stored, returned or logged.
+(tickets, chat), so matched text is never stored, returned or logged.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class PhiKind(StrEnum):
 
 @dataclass(frozen=True)
 class Finding:
-    """One identifier found in one field of one record; holds no matched text."""
+    """One identifier in one field of one record; holds no matched text."""
 
     kind: PhiKind
     row: int
@@ -37,7 +37,7 @@ class Finding:
 
 @dataclass
 class PhiReport:
-    """Counts and rows of identifiers per kind, over all scanned rows."""
+    """Identifiers counted per kind over the scanned rows; no matched text."""
 
     counts: dict[str, int] = field(default_factory=dict)
     """Kind -> number of matches."""
@@ -51,9 +51,9 @@ class PhiReport:
         return not self.counts
 
     def summary(self, max_rows: int = 10) -> list[str]:
-        """Human-readable lines, one per kind found, listing at most `max_rows` row numbers."""
+        """One line per kind found, naming at most `max_rows` row numbers."""
         if self.clean:
-            return [f"no likely identifiers found in {_plural(self.rows_scanned, 'row')}"]
+            return [f"no likely identifiers in {_plural(self.rows_scanned, 'row')} scanned"]
         lines = []
         for kind in PhiKind:
             count = self.counts.get(kind.value, 0)
@@ -62,10 +62,10 @@ class PhiReport:
             rows = self.rows.get(kind.value, [])
             line = f"{kind.value}: {_plural(count, 'match')} in {_plural(len(rows), 'row')}"
             if max_rows > 0 and rows:
-                shown = ", ".join(str(r) for r in rows[:max_rows])
-                more = len(rows) - max_rows
-                label = "row" if len(rows) == 1 else "rows"
-                line += f" ({label} {shown}, ... and {more} more)" if more > 0 else f" ({label} {shown})"
+                listed = ", ".join(str(r) for r in rows[:max_rows])
+                if len(rows) > max_rows:
+                    listed += f", ... and {len(rows) - max_rows} more"
+                line += f" ({'row' if len(rows) == 1 else 'rows'} {listed})"
             lines.append(line)
         return lines
 
@@ -77,15 +77,16 @@ def _plural(n: int, noun: str) -> str:
 
 
 # --- patterns -------------------------------------------------------------------------
-# Speed: every pattern opens with a literal or a character class, so `re` skips ahead to
-# candidate characters instead of trying each position (about 10x faster on 1 KB notes).
-# Left boundaries are therefore lookbehinds placed after the first character: `(?<!\w.)`
-# after a letter means "the character before this word is not a word character".
+# Speed: each pattern opens with a literal or a character class, so `re` jumps to candidate
+# characters instead of trying every position. Left boundaries are therefore lookbehinds
+# placed after the first character: `x(?<!\w.)` means "no word character before this x".
+# Rules whose pattern would still be tried at many positions also get a hint (below).
 # Digits are spelled [0-9]: \d would also match other scripts' digits.
 
 
 def _keywords(*words: str, ignore_case: bool = True) -> str:
-    """Alternation of regex fragments that each start a word, every alternative led by a literal."""
+    """Alternation of regex fragments that each start a word; every alternative opens with a
+    literal, which keeps the pattern fast."""
     alts = []
     for word in words:
         firsts = dict.fromkeys((word[0].lower(), word[0].upper())) if ignore_case else word[0]
@@ -104,34 +105,38 @@ _MONTH_WORDS = (
 )  # fmt: skip
 _MONTH = "(?i:" + "|".join(_MONTH_WORDS) + r")\b"
 _ORDINAL = "(?i:st|nd|rd|th)?"
-_NUMBER_START = r"[0-9](?<![0-9][0-9])(?<![0-9][./-][0-9])"  # a digit that starts a number
-# Dates led by a number; the validator reads the leading number up to the separator group.
-_NUMERIC_DATE = (
-    rf"(?P<dn>{_NUMBER_START}"
-    # 1962-03-14, 1962/3/14
-    r"(?:[0-9]{3}(?P<is>[/.-])(?P<im>[0-9]{1,2})(?P=is)(?P<id>[0-9]{1,2})"
-    # 03/14/1962, 14.03.1962, 3-14-62: day and month in either order
-    r"|[0-9]?(?P<ns>[/.-])(?P<nb>[0-9]{1,2})(?P=ns)(?P<ny>[0-9]{4}|[0-9]{2})"
-    # 14 March 1962, 14th of March, 1962
-    rf"|[0-9]?(?P<us>{_ORDINAL}\s+(?:of\s+)?)(?P<um>{_MONTH})\.?,?\s+(?P<uy>[0-9]{{4}})"
-    # 14-Mar-1962, 14/MAR/62
-    rf"|[0-9]?(?P<vs>[-/])(?P<vm>{_MONTH})(?P=vs)(?P<vy>[0-9]{{4}}|[0-9]{{2}}))"
-    r"(?![0-9]|[/.-][0-9]))"
+_NUMBER = r"[0-9](?<![0-9][0-9])(?<![0-9][./-][0-9])"  # first digit of a number, not of 1.2.3
+_DATE_END = r"(?![0-9]|[/.-][0-9])"
+# Full calendar dates; group names tell the validator which form matched.
+_DMY = (  # 03/14/1962, 14.03.1962, 3-14-62: day and month in either order
+    rf"(?P<na>{_NUMBER}[0-9]?)(?P<ns>[/.-])(?P<nb>[0-9]{{1,2}})(?P=ns)"
+    rf"(?P<ny>[0-9]{{4}}|[0-9]{{2}}){_DATE_END}"
 )
-# March 14, 1962 / Mar. 14th 2019
-_WORDED_DATE = (
+_YMD = (  # 1962-03-14, 1962/3/14
+    rf"(?P<iy>{_NUMBER}[0-9]{{3}})(?P<is>[/.-])(?P<im>[0-9]{{1,2}})(?P=is)"
+    rf"(?P<id>[0-9]{{1,2}}){_DATE_END}"
+)
+_MONTH_DAY_YEAR = (  # March 14, 1962 / Mar. 14th 2019
     rf"(?P<tm>{_keywords(*_MONTH_WORDS)})\b\.?\s+(?P<td>[0-3]?[0-9]){_ORDINAL},?\s+"
     r"(?P<ty>[0-9]{4})(?![0-9])"
 )
+_DAY_MONTH_YEAR = (  # 14 March 1962 / 14th of March, 1962
+    rf"(?P<ud>{_NUMBER}[0-9]?){_ORDINAL}\s+(?:of\s+)?(?P<um>{_MONTH})\.?,?\s+"
+    r"(?P<uy>[0-9]{4})(?![0-9])"
+)
+_DAY_MON_YEAR = (  # 14-Mar-1962, 14/MAR/62
+    rf"(?P<vd>{_NUMBER}[0-9]?)(?P<vs>[-/])(?P<vm>{_MONTH})(?P=vs)"
+    r"(?P<vy>[0-9]{4}|[0-9]{2})(?![0-9])"
+)
 # Month and year only: enough for a date of birth, not for a date on its own.
-_PARTIAL_DATE = (
+_MONTH_YEAR = (
     rf"(?P<pm>{_MONTH})\.?,?\s+(?P<py>[0-9]{{4}})(?![0-9])"
-    r"|(?P<qm>[0-9]{1,2})[/.-](?P<qy>[0-9]{4})(?![0-9])"
+    rf"|(?P<qm>{_NUMBER}[0-9]?)[/.-](?P<qy>[0-9]{{4}})(?![0-9])"
 )
 _DOB_WORDS = (r"d\.?o\.?b\b\.?", r"date\s+of\s+birth", r"birth\s*date", "birthday", "born")
-_DOB = re.compile(
-    rf"{_keywords(*_DOB_WORDS)}(?:\s+(?i:on|in)\b)?\s*[:#-]?\s*"
-    rf"(?:{_NUMERIC_DATE}|{_WORDED_DATE}|{_PARTIAL_DATE})"
+_DOB = (
+    rf"{_keywords(*_DOB_WORDS)}(?:\s+(?i:on|in)\b)?\s*[:#-]?\s*(?:{_DMY}|{_YMD}"
+    rf"|{_MONTH_DAY_YEAR}|{_DAY_MONTH_YEAR}|{_DAY_MON_YEAR}|{_MONTH_YEAR})"
 )
 
 _UPPER = "A-ZÀ-ÖØ-Þ"
@@ -142,44 +147,49 @@ _CAPS_NAME = rf"[{_UPPER}](?:'?[{_UPPER}]){{2,}}(?:-[{_UPPER}]+)*\b"
 # titles need the dot and an upper-case name (MR. SMITH), so that "MS Contin" and
 # "moderate MR. No AS" (morphine sulfate, mitral regurgitation) are left alone.
 _TITLES = ("Dr", "Mrs", "Mr", "Ms", "Miss", "Prof")
-_TITLED_NAME = re.compile(
-    rf"{_keywords(*_TITLES, ignore_case=False)}\.?\s+{_NAME}"
-    rf"|{_keywords(*(t.upper() for t in _TITLES), ignore_case=False)}\.\s*{_CAPS_NAME}"
+_TITLED_NAME = "|".join(
+    [_keywords(t, ignore_case=False) + rf"\.?\s+{_NAME}" for t in _TITLES]
+    + [_keywords(t.upper(), ignore_case=False) + rf"\.\s*{_CAPS_NAME}" for t in _TITLES]
 )
 
-_SSN = re.compile(r"[0-9](?<![0-9-][0-9])[0-9]{2}-[0-9]{2}-[0-9]{4}(?![0-9]|-[0-9])")
+_SSN = r"[0-9](?<![0-9-][0-9])[0-9]{2}-[0-9]{2}-[0-9]{4}(?![0-9]|-[0-9])"
 _SSN_WORDS = ("ssn", r"social\s+security(?:\s+(?:number|no\b\.?|#))?")
-_LABELLED_SSN = re.compile(
-    rf"{_keywords(*_SSN_WORDS)}\b\s*[:#.]?\s*"
-    r"[0-9]{3}[\s-]?[0-9]{2}[\s-]?[0-9]{4}(?![0-9])"
+_LABELLED_SSN = (
+    rf"{_keywords(*_SSN_WORDS)}\b\s*[:#.]?\s*[0-9]{{3}}[\s-]?[0-9]{{2}}[\s-]?[0-9]{{4}}(?![0-9])"
 )
 _MRN_WORDS = (
     r"mrn\b", r"mr\s?#", r"medical\s+record(?:\s+(?:number\b|no\b\.?|#))?",
     r"record\s*(?:number\b|no\b\.?|#)", r"patient\s+(?:id\b|identifier\b|number\b|no\b\.?|#)",
     r"account\s+(?:number\b|no\b\.?|#)", r"acct\b\.?\s*(?:number\b|no\b\.?|#)?",
 )  # fmt: skip
-_MRN = re.compile(
+_MRN = (  # the number: 5+ digits, or 5+ letters, digits and dashes with a digit among them
     rf"{_keywords(*_MRN_WORDS)}\s*[:#.]?\s*"
     r"(?:[0-9]{5,}|(?=[A-Za-z-]*[0-9])[A-Za-z0-9][A-Za-z0-9-]{4,})\b"
 )
-# (555) 123-4567, 555-123-4567, 555.123.4567, 1-800-555-1234
-_PHONE = re.compile(
+_PHONE = (  # (555) 123-4567, 555-123-4567, 555.123.4567, 1-800-555-1234
     r"[(0-9](?<![\w+.-][(0-9])"
-    r"(?:(?<=1)[\s.-](?:\([0-9]{3}\)\s?|[0-9]{3}[\s.-])"
-    r"|(?<=\()[0-9]{3}\)\s?|(?<=[0-9])[0-9]{2}[\s.-])"
+    r"(?:(?<=1)[\s.-](?:\([0-9]{3}\)\s?|[0-9]{3}[\s.-])|(?<=\()[0-9]{3}\)\s?|(?<=[0-9])[0-9]{2}[\s.-])"
     r"[0-9]{3}[\s.-][0-9]{4}(?![0-9]|[.-][0-9])"
 )
 # +44 20 7946 0958, +1-555-123-4567, +33 (0)1 23 45 67 89
-_INTL_PHONE = re.compile(r"\+(?<![\w+]\+)[1-9][0-9]{0,2}(?:[\s.-]?\(?[0-9]{1,4}\)?){2,6}(?![0-9])")
-# phone: 5551234567
-_LABELLED_PHONE = re.compile(
+_INTL_PHONE = r"\+(?<![\w+]\+)[1-9][0-9]{0,2}(?:[\s.-]?\(?[0-9]{1,4}\)?){2,6}(?![0-9])"
+_LABELLED_PHONE = (  # phone: 5551234567
     rf"{_keywords('telephone', 'phone', 'tel', 'cell', 'mobile', 'fax')}\b\.?\s*"
     r"(?i:no\b\.?|#)?\s*:?\s*\+?\(?[0-9](?:[\s().-]{0,2}[0-9]){9,14}(?![0-9])"
 )
-_EMAIL = re.compile(r"@(?<=[\w.+-]@)[\w-]+(?:\.[\w-]+)*\.[A-Za-z]{2,}\b")
+_EMAIL = r"@(?<=[\w.+-]@)[\w-]+(?:\.[\w-]+)*\.[A-Za-z]{2,}\b"  # the span starts at the @
 _URL_WORDS = ("https?://", r"www\.[\w-]+\.")
-_URL = re.compile(rf"{_keywords(*_URL_WORDS)}[^\s<>\"']+")
-_IP_ADDRESS = re.compile(r"[0-9](?<![0-9.][0-9])[0-9]{0,2}(?:\.[0-9]{1,3}){3}(?![0-9]|\.[0-9])")
+_URL = rf"{_keywords(*_URL_WORDS)}[^\s<>\"']+"
+_IP_ADDRESS = r"[0-9](?<![0-9.][0-9])[0-9]{0,2}(?:\.[0-9]{1,3}){3}(?![0-9]|\.[0-9])"
+
+# Hints, searched in the lower-cased text: cheap patterns without which a rule cannot
+# match, found by rarer characters than the rule's own first one.
+_MONTH_NAMES = "(?:jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)"
+_SEPARATED_NUMBERS_HINT = r"[/.-][0-9]{1,2}[/.-][0-9]{2}"
+_YEAR_HINT = r"[\s,/-][12][0-9]{3}(?![0-9])"
+
+
+# --- validation -----------------------------------------------------------------------
 
 
 def _valid_day_month(day: int, month: int) -> bool:
@@ -196,33 +206,28 @@ def _month(name: str) -> int:
 
 
 def _valid_date(m: re.Match[str]) -> bool:
-    """Check the day, month and year of a date match, whichever alternative matched."""
+    """Check day, month and year of whichever date form matched (see the group names)."""
     g = m.groupdict()
-    if g.get("dn") is not None:
-        lead = m.string[m.start("dn") : m.start(next(k for k in _LEAD_ENDS if g[k] is not None))]
-        if g["is"] is not None:
-            return _valid_year(lead) and _valid_day_month(int(g["id"]), int(g["im"]))
-        if g["ns"] is not None:
-            year = g["ny"]
-            if g["ns"] == "." and len(year) == 2:  # 1.2.10 is a version, not a date
-                return False
-            a, b = int(lead), int(g["nb"])
-            return _valid_year(year) and (_valid_day_month(b, a) or _valid_day_month(a, b))
-        if g["us"] is not None:
-            return _valid_year(g["uy"]) and _valid_day_month(int(lead), _month(g["um"]))
-        return _valid_year(g["vy"]) and _valid_day_month(int(lead), _month(g["vm"]))
-    if g.get("tm") is not None:
+    if g.get("na"):
+        a, b = int(g["na"]), int(g["nb"])
+        if g["ns"] == "." and len(g["ny"]) == 2:  # 1.2.10 is a version, not a date
+            return False
+        return _valid_year(g["ny"]) and (_valid_day_month(b, a) or _valid_day_month(a, b))
+    if g.get("iy"):
+        return _valid_year(g["iy"]) and _valid_day_month(int(g["id"]), int(g["im"]))
+    if g.get("tm"):
         return _valid_year(g["ty"]) and _valid_day_month(int(g["td"]), _month(g["tm"]))
-    if g.get("pm") is not None:
+    if g.get("ud"):
+        return _valid_year(g["uy"]) and _valid_day_month(int(g["ud"]), _month(g["um"]))
+    if g.get("vd"):
+        return _valid_year(g["vy"]) and _valid_day_month(int(g["vd"]), _month(g["vm"]))
+    if g.get("pm"):
         return _valid_year(g["py"])
     return _valid_year(g["qy"]) and 1 <= int(g["qm"]) <= 12
 
 
-_LEAD_ENDS = ("is", "ns", "us", "vs")
-
-
 def _valid_ssn(m: re.Match[str]) -> bool:
-    digits = "".join(c for c in m.group() if c.isdigit())[-9:]
+    digits = "".join(c for c in m.group() if c.isdigit())
     return digits[:3] not in ("000", "666") and digits[3:5] != "00" and digits[5:] != "0000"
 
 
@@ -239,31 +244,56 @@ class _Rule:
     kind: PhiKind
     pattern: re.Pattern[str]
     valid: Callable[[re.Match[str]], bool] | None = None
+    words: tuple[str, ...] = ()
+    """The lower-cased text must hold one of these for the rule to run."""
+    hint: re.Pattern[str] | None = None
+    """The lower-cased text must match this for the rule to run."""
+
+
+def _rule(kind: PhiKind, pattern: str, valid: Callable[[re.Match[str]], bool] | None = None,
+          words: tuple[str, ...] = (), hint: str | None = None) -> _Rule:  # fmt: skip
+    return _Rule(kind, re.compile(pattern), valid, words, re.compile(hint) if hint else None)
 
 
 # Priority order: a match overlapping a span taken by an earlier rule is not counted, so a
 # date of birth is not also a date, and an SSN is not also a phone.
 _RULES = (
-    _Rule(PhiKind.URL, _URL),
-    _Rule(PhiKind.EMAIL, _EMAIL),
-    _Rule(PhiKind.DATE_OF_BIRTH, _DOB, _valid_date),
-    _Rule(PhiKind.SSN, _LABELLED_SSN, _valid_ssn),
-    _Rule(PhiKind.SSN, _SSN, _valid_ssn),
-    _Rule(PhiKind.MRN, _MRN),
-    _Rule(PhiKind.PHONE, _LABELLED_PHONE, _valid_phone),
-    _Rule(PhiKind.PHONE, _PHONE),
-    _Rule(PhiKind.PHONE, _INTL_PHONE, _valid_phone),
-    _Rule(PhiKind.DATE, re.compile(_NUMERIC_DATE), _valid_date),
-    _Rule(PhiKind.DATE, re.compile(_WORDED_DATE), _valid_date),
-    _Rule(PhiKind.IP_ADDRESS, _IP_ADDRESS, _valid_ip),
-    _Rule(PhiKind.TITLED_NAME, _TITLED_NAME),
+    _rule(PhiKind.URL, _URL, words=("://", "www.")),
+    _rule(PhiKind.EMAIL, _EMAIL),
+    _rule(PhiKind.DATE_OF_BIRTH, _DOB, _valid_date, words=("dob", "d.o.b", "birth", "born")),
+    _rule(PhiKind.SSN, _LABELLED_SSN, _valid_ssn, words=("ssn", "social")),
+    _rule(PhiKind.SSN, _SSN, _valid_ssn, hint=r"-[0-9]{2}-[0-9]{4}"),
+    _rule(PhiKind.MRN, _MRN, hint=r"mrn|mr\s?#|record|patient\s+(?:id|num|no|#)|acc(?:oun)?t"),
+    _rule(PhiKind.PHONE, _LABELLED_PHONE, _valid_phone,
+          words=("phone", "tel", "cell", "mobile", "fax")),  # fmt: skip
+    _rule(PhiKind.PHONE, _PHONE),
+    _rule(PhiKind.PHONE, _INTL_PHONE, _valid_phone),
+    _rule(PhiKind.DATE, _DMY, _valid_date, hint=_SEPARATED_NUMBERS_HINT),
+    _rule(PhiKind.DATE, _YMD, _valid_date, hint=_SEPARATED_NUMBERS_HINT),
+    _rule(PhiKind.DATE, _MONTH_DAY_YEAR, _valid_date, hint=_YEAR_HINT),
+    _rule(PhiKind.DATE, _DAY_MONTH_YEAR, _valid_date, hint=_YEAR_HINT),
+    _rule(PhiKind.DATE, _DAY_MON_YEAR, _valid_date, hint=rf"[-/]{_MONTH_NAMES}[a-z]*[-/]"),
+    _rule(PhiKind.IP_ADDRESS, _IP_ADDRESS, _valid_ip, hint=r"\.[0-9]{1,3}\.[0-9]{1,3}\."),
+    _rule(PhiKind.TITLED_NAME, _TITLED_NAME),
 )
+
+
+# --- scanning -------------------------------------------------------------------------
 
 
 def scan_text(text: str) -> list[PhiKind]:
     """Kinds of the identifiers in `text`, one per match in text order; overlaps count once."""
+    lowered = text.lower()
+    passed: dict[re.Pattern[str], bool] = {}  # rules share hints: search each one once
     taken: list[tuple[int, int, PhiKind]] = []
     for rule in _RULES:
+        if rule.words and not any(w in lowered for w in rule.words):
+            continue
+        if rule.hint is not None:
+            if rule.hint not in passed:
+                passed[rule.hint] = rule.hint.search(lowered) is not None
+            if not passed[rule.hint]:
+                continue
         for m in rule.pattern.finditer(text):
             if rule.valid is not None and not rule.valid(m):
                 continue
@@ -291,8 +321,7 @@ def scan_rows(rows: Iterable[tuple[int, Mapping[str, str]]]) -> PhiReport:
             kind = finding.kind.value
             counts[kind] = counts.get(kind, 0) + 1
             row_sets.setdefault(kind, set()).add(row)
-    order = {kind.value: i for i, kind in enumerate(PhiKind)}
-    kinds = sorted(counts, key=order.__getitem__)
+    kinds = [kind.value for kind in PhiKind if kind.value in counts]
     return PhiReport(
         counts={k: counts[k] for k in kinds},
         rows={k: sorted(row_sets[k]) for k in kinds},

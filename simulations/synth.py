@@ -653,16 +653,17 @@ def _count(n: int, rng: np.random.Generator) -> str:
 
 def _lab_parts(p: Patient, style: str, rng: np.random.Generator) -> list[str]:
     terse = style == "terse"
+    keep = 0.7 if terse else 0.85
     parts: list[str] = []
-    if rng.random() < 0.9:
+    if rng.random() < keep + 0.1:
         note = ""
         if p.creatinine >= 2.0 and rng.random() < 0.65:
             note = " (AKI)" if terse else " (acute kidney injury)"
         parts.append(f"{'Cr' if terse else 'creatinine'} {p.creatinine}{note}")
-    if rng.random() < 0.85:
+    if rng.random() < keep:
         note = " (anemia)" if p.hemoglobin < 10 and rng.random() < 0.65 else ""
         parts.append(f"{'Hgb' if terse else 'hemoglobin'} {p.hemoglobin}{note}")
-    if rng.random() < 0.75:
+    if rng.random() < keep - 0.1:
         note = " (hyponatremia)" if p.sodium < 133 and rng.random() < 0.65 else ""
         parts.append(f"{'Na' if terse else 'sodium'} {p.sodium}{note}")
     if p.bnp_elevated is not None:
@@ -723,12 +724,12 @@ def _terse_note(p: Patient, rng: np.random.Generator) -> str:
     labs = _lab_parts(p, "terse", rng)
     if labs:
         parts.append(", ".join(labs) + ".")
-    if rng.random() < 0.25:
+    if rng.random() < 0.15:
         parts.append(_vitals(rng, terse=True))
     parts.append(f"Dispo: {DISPOSITIONS[p.disposition][2]}.")
     parts.append(_follow_up(p, "terse", rng))
-    if p.medications:
-        parts.append(f"Meds: {', '.join(p.medications[:2])}.")
+    if p.medications and rng.random() < 0.5:
+        parts.append(f"Meds: {p.medications[0]}.")
     return " ".join(parts)
 
 
@@ -759,13 +760,13 @@ def _narrative_note(p: Patient, rng: np.random.Generator) -> str:
     if labs:
         sentences.append(f"Labs were notable for {_join(labs)}.")
     sentences.append(_follow_up(p, "narrative", rng))
-    if rng.random() < 0.35:
+    if rng.random() < 0.3:
         sentences.append(f"At discharge {pronoun.lower()} was {_vitals(rng, terse=False)}.")
-    if rng.random() < 0.35:
+    if rng.random() < 0.3:
         walker = rng.random() < (p.age - 30) / 80
         sentences.append(f"Ambulating {'with a walker' if walker else 'independently'}.")
     if p.medications:
-        sentences.append(f"Discharge medications: {_join(list(p.medications[:3]))}.")
+        sentences.append(f"Discharge medications: {_join(list(p.medications[:2]))}.")
     return " ".join(sentences)
 
 
@@ -780,18 +781,20 @@ def _sectioned_note(p: Patient, rng: np.random.Generator) -> str:
         f"Patient: {p.age}-year-old {sex}",
         f"History: {history or 'none'}",
         _prior(p, "sectioned", "", rng),
-        f"Hospital course: {course}; length of stay {p.length_of_stay} days",
+        f"Hospital course: {course}; length of stay {p.length_of_stay} days"
+        if rng.random() < 0.6
+        else f"Length of stay: {p.length_of_stay} days",
         f"Disposition: {DISPOSITIONS[p.disposition][0]}",
         _follow_up(p, "sectioned", rng),
     ]
     labs = _lab_parts(p, "sectioned", rng)
     if labs:
         lines.append(f"Labs: {'; '.join(labs)}")
-    if rng.random() < 0.25:
+    if rng.random() < 0.15:
         lines.append(f"Vitals: {_vitals(rng, terse=False)}")
     if p.medications:
         lines.append("Discharge medications:")
-        lines.extend(f"- {med}" for med in p.medications[:3])
+        lines.extend(f"- {med}" for med in p.medications[:2])
     return "\n".join(lines)
 
 
