@@ -1,4 +1,4 @@
-"""Adapter state: only LoRA tensors and head, exact round trips in memory, on the wire and on disk."""
+"""Adapter state: LoRA tensors and head only; exact round trips in memory, on the wire, on disk."""
 
 from __future__ import annotations
 
@@ -81,7 +81,9 @@ def test_peft_layout_round_trip_loads_with_peft(cfg, tiny_bert_dir: Path, tmp_pa
     out = tmp_path / "adapter"
     save_adapter(state, model.peft_config["default"], out)
     assert sorted(p.name for p in out.iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors"]
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     loaded, config = load_adapter(out)
     assert all(torch.equal(state[k], loaded[k]) for k in state) and set(loaded) == set(state)
     assert config.r == 4

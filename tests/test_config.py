@@ -26,8 +26,9 @@ def test_pyproject_config_validates_as_given() -> None:
     assert cfg == FedtuneConfig()
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "simulations" / "configs").glob("*.toml")),
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "simulations" / "configs").glob("*.toml")), ids=lambda p: p.name
+)
 def test_every_shipped_config_validates(path: Path) -> None:
     assert path.read_text().startswith("#"), "each config opens with the command that runs it"
     load_config(_pyproject_defaults(), path)
@@ -52,16 +53,20 @@ def test_config_is_frozen() -> None:
     [
         ({"lora.rnak": 4}, ['unknown config key "lora.rnak"', "lora.rank", "lora.alpha"]),
         ({"optim.lr": 1}, ['unknown config key "optim.lr"', "model, lora, data, train"]),
-        ({"model.task": "regression"}, ['"model.task"', "'classification' or 'causal-lm'",
-                                        "'regression'"]),
+        (
+            {"model.task": "regression"},
+            ['"model.task"', "'classification' or 'causal-lm'", "'regression'"],
+        ),
         ({"model.precision": "fp8"}, ['"model.precision"', "'auto', 'fp32' or 'bf16'"]),
         ({"lora.rank": 0}, ['"lora.rank"', "greater than or equal to 1", "got 0"]),
         ({"lora.dropout": 1.5}, ['"lora.dropout"', "less than 1"]),
         ({"train.batch-size": "big"}, ['"train.batch-size"', "valid integer"]),
         ({"lora.target-modules": " , "}, ["lora.target-modules must name at least one"]),
         ({"data.val-fraction": 0.5, "data.test-fraction": 0.45}, ["data.val-fraction"]),
-        ({"data.label-names": "no,maybe,yes"}, ["data.label-names has 3 names",
-                                                "model.num-labels is 2"]),
+        (
+            {"data.label-names": "no,maybe,yes"},
+            ["data.label-names has 3 names", "model.num-labels is 2"],
+        ),
     ],
 )
 def test_errors_name_the_key_and_allowed_values(keys: dict, expected: list[str]) -> None:

@@ -49,19 +49,28 @@ def test_jsonl_csv_and_parquet_give_the_same_records(tmp_path: Path) -> None:
 
 def test_label_names_map_names_and_indices(tmp_path: Path) -> None:
     cfg = load_config({"data.label-names": "no,yes"})
-    path = _write(tmp_path / "a.jsonl", [
-        json.dumps({"text": "a", "label": "yes"}), json.dumps({"text": "b", "label": "No"}),
-        json.dumps({"text": "c", "label": 1}),
-    ])
+    path = _write(
+        tmp_path / "a.jsonl",
+        [
+            json.dumps({"text": "a", "label": "yes"}),
+            json.dumps({"text": "b", "label": "No"}),
+            json.dumps({"text": "c", "label": 1}),
+        ],
+    )
     assert [r.label for r in load_records(path, cfg.model, cfg.data)] == [1, 0, 1]
 
 
 def test_instruction_and_chat_records(tmp_path: Path) -> None:
-    chat = {"messages": [{"role": "system", "content": "Be brief."},
-                         {"role": "user", "content": "Risk?"},
-                         {"role": "assistant", "content": "High."}]}
-    path = _write(tmp_path / "i.jsonl", [
-        json.dumps({"prompt": "Q?", "completion": "A."}), json.dumps(chat)])
+    chat = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Risk?"},
+            {"role": "assistant", "content": "High."},
+        ]
+    }
+    path = _write(
+        tmp_path / "i.jsonl", [json.dumps({"prompt": "Q?", "completion": "A."}), json.dumps(chat)]
+    )
     first, second = load_records(path, LM.model, LM.data)
     assert isinstance(first, InstructRecord)
     assert first.segments == (("Q?", False), ("A.", True))
@@ -101,7 +110,7 @@ def test_each_classification_error_names_line_and_problem(
         ({"messages": []}, '"messages" must be a non-empty list'),
         ({"messages": [{"role": "user", "content": SECRET}]}, "no assistant message"),
         ({"messages": [{"role": "doctor", "content": SECRET}]}, '"messages[0].role" is not one'),
-        ({"messages": [{"role": "assistant", "content": None}]}, "content\" must be a string"),
+        ({"messages": [{"role": "assistant", "content": None}]}, 'content" must be a string'),
     ],
 )
 def test_each_instruction_error(tmp_path: Path, record: dict, expected: str) -> None:
