@@ -173,8 +173,9 @@ _PHONE = (  # (555) 123-4567, 555-123-4567, 555.123.4567, 1-800-555-1234
 )
 # +44 20 7946 0958, +1-555-123-4567, +33 (0)1 23 45 67 89
 _INTL_PHONE = r"\+(?<![\w+]\+)[1-9][0-9]{0,2}(?:[\s.-]?\(?[0-9]{1,4}\)?){2,6}(?![0-9])"
+_PHONE_WORDS = ("telephone", "phone", "tel", "cell", "mobile", "fax")
 _LABELLED_PHONE = (  # phone: 5551234567
-    rf"{_keywords('telephone', 'phone', 'tel', 'cell', 'mobile', 'fax')}\b\.?\s*"
+    rf"{_keywords(*_PHONE_WORDS)}\b\.?\s*"
     r"(?i:no\b\.?|#)?\s*:?\s*\+?\(?[0-9](?:[\s().-]{0,2}[0-9]){9,14}(?![0-9])"
 )
 _EMAIL = r"@(?<=[\w.+-]@)[\w-]+(?:\.[\w-]+)*\.[A-Za-z]{2,}\b"  # the span starts at the @
@@ -185,8 +186,13 @@ _IP_ADDRESS = r"[0-9](?<![0-9.][0-9])[0-9]{0,2}(?:\.[0-9]{1,3}){3}(?![0-9]|\.[0-
 # Hints, searched in the lower-cased text: cheap patterns without which a rule cannot
 # match, found by rarer characters than the rule's own first one.
 _MONTH_NAMES = "(?:jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)"
-_SEPARATED_NUMBERS_HINT = r"[/.-][0-9]{1,2}[/.-][0-9]{2}"
-_YEAR_HINT = r"[\s,/-][12][0-9]{3}(?![0-9])"
+_SEPARATED_NUMBERS = r"[/.-][0-9]{1,2}[/.-][0-9]"
+_MRN_HINT = r"mrn|mr\s?#|record\s*(?:n|#)|medical\s+record|patient\s+(?:id|n|#)|acc(?:oun)?t\b"
+# Worded dates and phone numbers end in a 4-digit number: anchored rules are searched only
+# in a window reaching back from each such number (and a little past it, for lookaheads).
+_FOUR_DIGITS = re.compile(r"[0-9](?<![0-9][0-9])[0-9]{3}(?![0-9])")
+_REACH = 40
+_LOOKAHEAD = 2
 
 
 # --- validation -----------------------------------------------------------------------
@@ -248,11 +254,20 @@ class _Rule:
     """The lower-cased text must hold one of these for the rule to run."""
     hint: re.Pattern[str] | None = None
     """The lower-cased text must match this for the rule to run."""
+    anchored: bool = False
+    """Search only before 4-digit numbers (see _FOUR_DIGITS)."""
 
 
-def _rule(kind: PhiKind, pattern: str, valid: Callable[[re.Match[str]], bool] | None = None,
-          words: tuple[str, ...] = (), hint: str | None = None) -> _Rule:  # fmt: skip
-    return _Rule(kind, re.compile(pattern), valid, words, re.compile(hint) if hint else None)
+def _rule(
+    kind: PhiKind,
+    pattern: str,
+    valid: Callable[[re.Match[str]], bool] | None = None,
+    words: tuple[str, ...] = (),
+    hint: str | None = None,
+    anchored: bool = False,
+) -> _Rule:
+    compiled_hint = re.compile(hint) if hint else None
+    return _Rule(kind, re.compile(pattern), valid, words, compiled_hint, anchored)
 
 
 # Priority order: a match overlapping a span taken by an earlier rule is not counted, so a
@@ -263,15 +278,14 @@ _RULES = (
     _rule(PhiKind.DATE_OF_BIRTH, _DOB, _valid_date, words=("dob", "d.o.b", "birth", "born")),
     _rule(PhiKind.SSN, _LABELLED_SSN, _valid_ssn, words=("ssn", "social")),
     _rule(PhiKind.SSN, _SSN, _valid_ssn, hint=r"-[0-9]{2}-[0-9]{4}"),
-    _rule(PhiKind.MRN, _MRN, hint=r"mrn|mr\s?#|record|patient\s+(?:id|num|no|#)|acc(?:oun)?t"),
-    _rule(PhiKind.PHONE, _LABELLED_PHONE, _valid_phone,
-          words=("phone", "tel", "cell", "mobile", "fax")),  # fmt: skip
-    _rule(PhiKind.PHONE, _PHONE),
+    _rule(PhiKind.MRN, _MRN, hint=_MRN_HINT),
+    _rule(PhiKind.PHONE, _LABELLED_PHONE, _valid_phone, words=_PHONE_WORDS),
+    _rule(PhiKind.PHONE, _PHONE, anchored=True),
     _rule(PhiKind.PHONE, _INTL_PHONE, _valid_phone),
-    _rule(PhiKind.DATE, _DMY, _valid_date, hint=_SEPARATED_NUMBERS_HINT),
-    _rule(PhiKind.DATE, _YMD, _valid_date, hint=_SEPARATED_NUMBERS_HINT),
-    _rule(PhiKind.DATE, _MONTH_DAY_YEAR, _valid_date, hint=_YEAR_HINT),
-    _rule(PhiKind.DATE, _DAY_MONTH_YEAR, _valid_date, hint=_YEAR_HINT),
+    _rule(PhiKind.DATE, _DMY, _valid_date, hint=_SEPARATED_NUMBERS),
+    _rule(PhiKind.DATE, _YMD, _valid_date, hint=_SEPARATED_NUMBERS),
+    _rule(PhiKind.DATE, _MONTH_DAY_YEAR, _valid_date, anchored=True),
+    _rule(PhiKind.DATE, _DAY_MONTH_YEAR, _valid_date, anchored=True),
     _rule(PhiKind.DATE, _DAY_MON_YEAR, _valid_date, hint=rf"[-/]{_MONTH_NAMES}[a-z]*[-/]"),
     _rule(PhiKind.IP_ADDRESS, _IP_ADDRESS, _valid_ip, hint=r"\.[0-9]{1,3}\.[0-9]{1,3}\."),
     _rule(PhiKind.TITLED_NAME, _TITLED_NAME),
@@ -284,23 +298,31 @@ _RULES = (
 def scan_text(text: str) -> list[PhiKind]:
     """Kinds of the identifiers in `text`, one per match in text order; overlaps count once."""
     lowered = text.lower()
-    passed: dict[re.Pattern[str], bool] = {}  # rules share hints: search each one once
+    hints: dict[re.Pattern[str], bool] = {}  # rules share hints: search each one once
+    anchors: list[tuple[int, int]] | None = None
     taken: list[tuple[int, int, PhiKind]] = []
     for rule in _RULES:
         if rule.words and not any(w in lowered for w in rule.words):
             continue
         if rule.hint is not None:
-            if rule.hint not in passed:
-                passed[rule.hint] = rule.hint.search(lowered) is not None
-            if not passed[rule.hint]:
+            if rule.hint not in hints:
+                hints[rule.hint] = rule.hint.search(lowered) is not None
+            if not hints[rule.hint]:
                 continue
-        for m in rule.pattern.finditer(text):
-            if rule.valid is not None and not rule.valid(m):
-                continue
-            start, end = m.span()
-            if any(start < e and s < end for s, e, _ in taken):
-                continue
-            taken.append((start, end, rule.kind))
+        if rule.anchored:
+            if anchors is None:
+                anchors = [m.span() for m in _FOUR_DIGITS.finditer(text)]
+            windows = [(max(0, s - _REACH), e + _LOOKAHEAD) for s, e in anchors]
+        else:
+            windows = [(0, len(text))]
+        for pos, endpos in windows:
+            for m in rule.pattern.finditer(text, pos, endpos):
+                if rule.valid is not None and not rule.valid(m):
+                    continue
+                start, end = m.span()
+                if any(start < e and s < end for s, e, _ in taken):
+                    continue
+                taken.append((start, end, rule.kind))
     taken.sort()
     return [kind for _, _, kind in taken]
 

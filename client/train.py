@@ -31,6 +31,8 @@ class TrainResult:
     examples: int
     tokens: int
     """Non-padding tokens processed."""
+    padded_tokens: int
+    """Token positions processed, padding included."""
     seconds: float
 
 
@@ -75,7 +77,7 @@ def train_local(
     task = cfg.model.task
     model.train()
     started = time.perf_counter()
-    loss_sum, batches, examples, tokens = 0.0, 0, 0, 0
+    loss_sum, examples, tokens, padded = 0.0, 0, 0, 0
     stream = _batch_stream(data, settings, start_step)
     with _seeded(settings.seed + start_step, device):
         for step in range(steps):
@@ -90,9 +92,9 @@ def train_local(
                     loss = _loss(model, batch, task, reduction="mean")
                 (loss / settings.grad_accum_steps).backward()
                 step_loss += loss.item() / settings.grad_accum_steps
-                batches += 1
                 examples += batch["input_ids"].shape[0]
                 tokens += int(batch["attention_mask"].sum())
+                padded += batch["attention_mask"].numel()
             if settings.max_grad_norm > 0:
                 params = [p for g in optimizer.param_groups for p in g["params"]]
                 torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
@@ -106,6 +108,7 @@ def train_local(
         steps=steps,
         examples=examples,
         tokens=tokens,
+        padded_tokens=padded,
         seconds=time.perf_counter() - started,
     )
 

@@ -66,7 +66,7 @@ class LoraSettings(_Section):
     rank: int = Field(8, ge=1, le=1024)
     """Rank r of the low-rank update B·A."""
 
-    alpha: float = Field(16, gt=0)
+    alpha: int = Field(16, ge=1)
     """Scale numerator: the update is multiplied by alpha / rank."""
 
     dropout: float = Field(0.05, ge=0, lt=1)

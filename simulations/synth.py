@@ -12,17 +12,21 @@ capped at 89.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
 import os
 import tempfile
+from bisect import bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sklearn.metrics import roc_auc_score
 
 logger = logging.getLogger(__name__)
 
@@ -223,7 +227,7 @@ REASONS: dict[str, _Reason] = {
     "cellulitis": _Reason(
         "cellulitis",
         ("cellulitis of the left leg", "cellulitis of the right leg"),
-        ("cellulitis", "LLE cellulitis"),
+        ("cellulitis", "leg cellulitis"),
         0.8,
         "primary care",
         3,
@@ -325,7 +329,7 @@ COMORBIDITIES: dict[str, _Comorbidity] = {
         0.03,
         (
             ("metoprolol succinate 25 mg daily", "carvedilol 12.5 mg twice daily"),
-            ("lisinopril 10 mg daily", "sacubitril-valsartan 24-26 mg twice daily"),
+            ("lisinopril 10 mg daily", "valsartan 80 mg daily"),
         ),
     ),
     "copd": _Comorbidity(
@@ -482,6 +486,7 @@ class SiteSummary:
     prevalence: float
     test_prevalence: float
     mean_risk: float
+    bayes_auroc: float | None  # AUROC of the true risk on the test set; None if one class
     intercept_shift: float
     dominant_style: str
     mean_words: float
@@ -540,12 +545,13 @@ def readmission_risk(patient: Patient, intercept_shift: float = 0.0) -> float:
 
 
 def _pick(rng: np.random.Generator, options: Sequence[str]) -> str:
-    return options[int(rng.integers(len(options)))]
+    return options[int(rng.random() * len(options))]
 
 
 def _weighted(rng: np.random.Generator, keys: Sequence[str], weights: Sequence[float]) -> str:
-    p = np.asarray(weights, dtype=float)
-    return keys[int(rng.choice(len(keys), p=p / p.sum()))]
+    cumulative = list(accumulate(weights))
+    index = bisect_right(cumulative, rng.random() * cumulative[-1])
+    return keys[min(index, len(keys) - 1)]
 
 
 def sample_patient(profile: SiteProfile, rng: np.random.Generator) -> Patient:
@@ -607,7 +613,7 @@ def sample_patient(profile: SiteProfile, rng: np.random.Generator) -> Patient:
     no_follow_up = 0.85 if disposition == "ama" else profile.no_follow_up_rate
     follow_up_days = None
     if rng.random() >= no_follow_up:
-        follow_up_days = int(FOLLOW_UP_DAYS[int(rng.integers(len(FOLLOW_UP_DAYS)))])
+        follow_up_days = FOLLOW_UP_DAYS[int(rng.random() * len(FOLLOW_UP_DAYS))]
     service = reason.service if rng.random() < 0.6 else "primary care"
 
     medications: list[str] = []
@@ -624,8 +630,8 @@ def sample_patient(profile: SiteProfile, rng: np.random.Generator) -> Patient:
         reason=reason_key,
         comorbidities=tuple(comorbidities),
         creatinine=round(creatinine, 1),
-        hemoglobin=round(float(np.clip(hemoglobin, 6.0, 17.5)), 1),
-        sodium=int(np.clip(round(sodium), 121, 148)),
+        hemoglobin=round(min(max(float(hemoglobin), 6.0), 17.5), 1),
+        sodium=min(max(round(float(sodium)), 121), 148),
         bnp_elevated=bnp,
         length_of_stay=length_of_stay,
         disposition=disposition,
@@ -856,7 +862,7 @@ def site_profiles(
     mean_records = records_per_site or DEFAULT_MEAN_RECORDS
     rng = np.random.default_rng([seed, 0, 0])
     sizes = _spread(rng, 0.45, 1.55, num_sites) * mean_records
-    prevalences = _spread(rng, 0.2, 0.45, num_sites)
+    prevalences = _spread(rng, 0.22, 0.43, num_sites)
     dominant = [STYLES[int(i) % len(STYLES)] for i in rng.permutation(num_sites)]
     base_reasons = np.array([r.weight for r in REASONS.values()])
     profiles = []
@@ -932,6 +938,7 @@ def _write_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)  # synthetic data; mkstemp's 0600 would lock out other readers
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -945,14 +952,18 @@ def _jsonl(records: Iterable[dict[str, Any]]) -> str:
 def summarize_site(data: SiteData) -> SiteSummary:
     """Prevalence, mean risk and mean note length of one generated site."""
     labels = [r["label"] for r in data.train]
+    test_labels = [r["label"] for r in data.test]
     words = [len(r["text"].split()) for r in data.train]
     return SiteSummary(
         name=data.profile.name,
         train_records=len(data.train),
         test_records=len(data.test),
         prevalence=round(float(np.mean(labels)), 4),
-        test_prevalence=round(float(np.mean([r["label"] for r in data.test])), 4),
+        test_prevalence=round(float(np.mean(test_labels)), 4),
         mean_risk=round(float(np.mean(data.train_risk)), 4),
+        bayes_auroc=round(float(roc_auc_score(test_labels, data.test_risk)), 4)
+        if 0 < sum(test_labels) < len(test_labels)
+        else None,
         intercept_shift=data.profile.intercept_shift,
         dominant_style=data.profile.dominant_style,
         mean_words=round(float(np.mean(words)), 1),
@@ -969,7 +980,7 @@ def write_federation(
     """Write OUT/site-N/{train,test,instruct-train,instruct-test}.jsonl and OUT/federation.json."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
-        raise NotADirectoryError(f"{out_dir}: output path exists and is not a directory")
+        raise NotADirectoryError(errno.ENOTDIR, "exists and is not a directory", str(out_dir))
     summaries = []
     for profile in site_profiles(num_sites, seed, records_per_site, test_records):
         data = generate_site(profile, seed)

@@ -1,0 +1,100 @@
+"""fedtune-sim: synthetic federations (`fedtune-sim data --sites 3 --out data/synth`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from simulations.synth import write_federation
+
+
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer no smaller than minimum."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedtune-sim", description="Synthetic federations and simulation runs."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    data = sub.add_parser(
+        "data",
+        help="write a synthetic federation of hospital discharge notes",
+        description="Write OUT/site-N/{train,test,instruct-train,instruct-test}.jsonl and "
+        "OUT/federation.json. The same arguments always give identical files.",
+    )
+    data.add_argument("--sites", type=_at_least(1), required=True, help="number of sites")
+    data.add_argument("--out", type=Path, required=True, help="output directory")
+    data.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    data.add_argument(
+        "--records",
+        type=_at_least(1),
+        default=None,
+        help="mean train records per site; sizes vary around it (default 575)",
+    )
+    data.add_argument(
+        "--test-records",
+        type=_at_least(1),
+        default=200,
+        help="held-out test records per site (default 200)",
+    )
+    sub.add_parser("run", help="run a federated simulation (not available yet)")
+    return parser
+
+
+def _data(args: argparse.Namespace) -> int:
+    try:
+        summary = write_federation(
+            args.out,
+            num_sites=args.sites,
+            seed=args.seed,
+            records_per_site=args.records,
+            test_records=args.test_records,
+        )
+    except ValueError as e:
+        print(f"fedtune-sim data: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        where = e.filename or args.out
+        print(f"fedtune-sim data: error: cannot write {where}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    print(f"{'site':<10}{'train':>7}{'test':>6}{'prevalence':>12}{'words':>7}  style")
+    for site in summary.sites:
+        print(
+            f"{site.name:<10}{site.train_records:>7}{site.test_records:>6}"
+            f"{site.prevalence:>12.3f}{site.mean_words:>7.1f}  {site.dominant_style}"
+        )
+    print(f"wrote {len(summary.sites)} sites to {summary.out_dir}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of fedtune-sim."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "data":
+        return _data(args)
+    print(
+        "fedtune-sim run: federated simulation runs are not implemented yet; "
+        "they arrive with the federation issue (#3).",
+        file=sys.stderr,
+    )
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
