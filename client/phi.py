@@ -6,6 +6,7 @@ The report holds kinds, counts and row numbers only: it leaves the operator's te
 
 from __future__ import annotations
 
+import bisect
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -85,8 +86,7 @@ def _plural(n: int, noun: str) -> str:
 
 
 def _keywords(*words: str, ignore_case: bool = True) -> str:
-    """Alternation of regex fragments that each start a word; every alternative opens with a
-    literal, which keeps the pattern fast."""
+    """Alternation of regex fragments that each start a word, each alternative led by a literal."""
     alts = []
     for word in words:
         firsts = dict.fromkeys((word[0].lower(), word[0].upper())) if ignore_case else word[0]
@@ -166,7 +166,9 @@ _MRN = (  # the number: 5+ digits, or 5+ letters, digits and dashes with a digit
     rf"{_keywords(*_MRN_WORDS)}\s*[:#.]?\s*"
     r"(?:[0-9]{5,}|(?=[A-Za-z-]*[0-9])[A-Za-z0-9][A-Za-z0-9-]{4,})\b"
 )
-_PHONE = (  # (555) 123-4567, 555-123-4567, 555.123.4567, 1-800-555-1234
+# (555) 123-4567, 555-123-4567, 555.123.4567, 1-800-555-1234: the first character is "(" or
+# a digit, and lookbehinds on it pick the form that follows.
+_PHONE = (
     r"[(0-9](?<![\w+.-][(0-9])"
     r"(?:(?<=1)[\s.-](?:\([0-9]{3}\)\s?|[0-9]{3}[\s.-])|(?<=\()[0-9]{3}\)\s?|(?<=[0-9])[0-9]{2}[\s.-])"
     r"[0-9]{3}[\s.-][0-9]{4}(?![0-9]|[.-][0-9])"
@@ -300,7 +302,7 @@ def scan_text(text: str) -> list[PhiKind]:
     lowered = text.lower()
     hints: dict[re.Pattern[str], bool] = {}  # rules share hints: search each one once
     anchors: list[tuple[int, int]] | None = None
-    taken: list[tuple[int, int, PhiKind]] = []
+    taken: list[tuple[int, int, PhiKind]] = []  # sorted, non-overlapping spans
     for rule in _RULES:
         if rule.words and not any(w in lowered for w in rule.words):
             continue
@@ -320,10 +322,10 @@ def scan_text(text: str) -> list[PhiKind]:
                 if rule.valid is not None and not rule.valid(m):
                     continue
                 start, end = m.span()
-                if any(start < e and s < end for s, e, _ in taken):
+                i = bisect.bisect_left(taken, (start, -1))
+                if (i > 0 and taken[i - 1][1] > start) or (i < len(taken) and taken[i][0] < end):
                     continue
-                taken.append((start, end, rule.kind))
-    taken.sort()
+                taken.insert(i, (start, end, rule.kind))
     return [kind for _, _, kind in taken]
 
 

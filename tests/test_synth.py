@@ -215,3 +215,14 @@ def test_write_federation_rejects_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="test_records"):
         synth.write_federation(tmp_path, num_sites=1, test_records=0)
     assert not any(tmp_path.iterdir())
+
+
+def test_the_site_phi_scanner_reports_nothing(federation: Path) -> None:
+    phi = pytest.importorskip("client.phi")
+    for site in sorted(federation.glob("site-*")):
+        for name in FILES:
+            rows = enumerate(read_jsonl(site / name), start=1)
+            report = phi.scan_rows(
+                (i, {k: v for k, v in r.items() if isinstance(v, str)}) for i, r in rows
+            )
+            assert report.clean, f"{site.name}/{name}: {report.summary()}"
