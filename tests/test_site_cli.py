@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import write_jsonl
 
 from client.cli import EXIT_IDENTIFIERS, EXIT_INVALID, EXIT_OK, main
 from common.adapter import load_adapter
-from conftest import write_jsonl
 
 PLANTED = {
     "titled-name": "Seen by Dr. Evangeline Marchetti on rounds.",
