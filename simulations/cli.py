@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     data.add_argument("--sites", type=_at_least(1), required=True, help="number of sites")
     data.add_argument("--out", type=Path, required=True, help="output directory")
-    data.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    data.add_argument("--seed", type=_at_least(0), default=0, help="random seed (default 0)")
     data.add_argument(
         "--records",
         type=_at_least(1),

@@ -92,7 +92,7 @@ RISK_MODEL: dict[str, float] = {
 @dataclass(frozen=True)
 class _Reason:
     canonical: str
-    narrative: tuple[str, ...]  # with article, after "admitted with"
+    narrative: tuple[str, ...]  # with article, after "admitted for"
     terse: tuple[str, ...]
     weight: float  # base share of admissions
     service: str  # follow-up clinic
@@ -511,23 +511,25 @@ def sample_patient(profile: SiteProfile, rng: np.random.Generator) -> Patient:
         p = c.prevalence * scale * reason.frailty * math.exp(c.age_slope * (age - 65))
         if key == reason.implies or rng.random() < min(p, 0.9):
             comorbidities.append(key)
-    has = set(comorbidities).__contains__
+    present = set(comorbidities)
 
     male = sex == "M"
     creatinine = math.exp(rng.normal(math.log(1.0 if male else 0.85), 0.15))
-    if has("ckd"):
+    if "ckd" in present:
         creatinine *= math.exp(rng.normal(math.log(2.0), 0.25))
     if reason_key in ("sepsis", "dka", "heart_failure", "gi_bleed") and rng.random() < 0.35:
         creatinine *= 1.6
     hemoglobin = rng.normal(13.8 if male else 12.8, 1.1)
-    hemoglobin -= 3.5 * (reason_key == "gi_bleed") + 1.5 * has("cancer") + 1.2 * has("ckd")
-    hemoglobin -= 1.0 * has("cirrhosis") + 0.8 * (reason_key == "sepsis")
-    sodium = rng.normal(139, 2.5) - 5 * has("cirrhosis") - 2 * (reason_key == "sepsis")
+    hemoglobin -= (
+        3.5 * (reason_key == "gi_bleed") + 1.5 * ("cancer" in present) + 1.2 * ("ckd" in present)
+    )
+    hemoglobin -= 1.0 * ("cirrhosis" in present) + 0.8 * (reason_key == "sepsis")
+    sodium = rng.normal(139, 2.5) - 5 * ("cirrhosis" in present) - 2 * (reason_key == "sepsis")
     sodium -= 3 * (reason_key == "heart_failure")
-    cardiac = has("chf") or reason_key in ("heart_failure", "copd_exacerbation", "syncope")
+    cardiac = ("chf" in present) or reason_key in ("heart_failure", "copd_exacerbation", "syncope")
     bnp = None
     if cardiac:
-        bnp = bool(rng.random() < (0.9 if has("chf") else 0.25))
+        bnp = bool(rng.random() < (0.9 if ("chf" in present) else 0.25))
 
     significant = sum(c in SERIOUS_COMORBIDITIES for c in comorbidities)
     stay = reason.stay * math.exp(rng.normal(0, 0.35)) + 0.4 * significant
@@ -536,9 +538,9 @@ def sample_patient(profile: SiteProfile, rng: np.random.Generator) -> Patient:
     weights = {
         "home": 1.0,
         "home_services": 0.2 + 0.02 * max(0, age - 60) + 0.1 * significant,
-        "snf": 0.03 + 0.035 * max(0, age - 65) + 0.8 * has("dementia"),
+        "snf": 0.03 + 0.035 * max(0, age - 65) + 0.8 * ("dementia" in present),
         "rehab": 0.05,
-        "ama": 0.03 + 0.08 * (age < 50) + 0.12 * has("cirrhosis"),
+        "ama": 0.03 + 0.08 * (age < 50) + 0.12 * ("cirrhosis" in present),
     }
     if reason_key in ("hip_fracture", "stroke"):
         weights["snf"] += 1.2
@@ -800,6 +802,8 @@ def site_profiles(
     """Draw heterogeneous sites: case mix, prevalence 0.20-0.45, size, dominant note style."""
     if num_sites < 1:
         raise ValueError(f"num_sites must be at least 1, got {num_sites}")
+    if seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed}")
     if records_per_site is not None and records_per_site < 1:
         raise ValueError(f"records_per_site must be at least 1, got {records_per_site}")
     if test_records < 1:
