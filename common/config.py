@@ -50,8 +50,9 @@ class ModelSettings(_Section):
     """Number of classes of the classification head."""
 
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """Autocast precision for training and evaluation; `auto` is bf16 on CUDA devices that
-    support it and fp32 elsewhere. Adapters always travel as fp32 or fp16."""
+    """Autocast precision for training and evaluation; `auto` is bf16 where the device
+    computes it natively (most CUDA GPUs, CPUs with AVX512-BF16 or AMX) and fp32 elsewhere.
+    Adapters always travel as fp32 or fp16."""
 
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30% more compute."""

@@ -73,12 +73,36 @@ def pick_device(setting: str) -> torch.device:
 
 
 def autocast_dtype(settings: ModelSettings, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `model.precision` on this device, or None for plain fp32."""
+    """The autocast dtype for `model.precision` on this device, or None for plain fp32.
+
+    `auto` picks bf16 only where the hardware computes it natively: emulated bf16 on a CPU
+    without AVX512-BF16/AMX measured 20x slower than fp32 here.
+    """
+    native = native_bf16(device)
     if settings.precision == "bf16":
+        if not native:
+            _warn_once(
+                f"model.precision is bf16 but {device.type} has no native bf16: "
+                "training will be many times slower than fp32; use auto or fp32"
+            )
         return torch.bfloat16
-    if settings.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return None
+    return torch.bfloat16 if settings.precision == "auto" and native else None
+
+
+@cache
+def native_bf16(device: torch.device) -> bool:
+    """Whether this device computes bf16 matmuls in hardware."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+@cache
+def _warn_once(message: str) -> None:
+    log.warning(message)
 
 
 def set_threads(num_threads: int) -> int:

@@ -2,9 +2,12 @@
 
     python -m simulations.bench_train --out bench-results/train_throughput.json
 
-Both train the same MiniLM with the same LoRA settings, on the same synthetic notes, batch
-size, sequence length, optimizer, schedule and precision, for the same number of steps. Each
-runs in its own process, so that peak memory (max RSS, and CUDA peak on a GPU) is its own.
+Both train the same MiniLM with the same LoRA settings, on the same synthetic notes (site-1 of
+the README's default federation: `fedtune-sim data --sites 3 --seed 0`), batch size, sequence
+length, optimizer, schedule and precision, for the same number of steps (within one epoch).
+Each runs in its own process, so that peak memory (max RSS, and CUDA peak on a GPU) is its own.
+"Trainer" is the recipe as documented (random batches, dynamic padding); "trainer-grouped"
+adds its length-grouped sampler, the closest the recipe gets to our batching.
 """
 
 from __future__ import annotations
@@ -42,7 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         from simulations.synth import write_federation
 
-        write_federation(Path(tmp), num_sites=1, seed=0, records_per_site=args.steps * 16 + 64)
+        summary = write_federation(Path(tmp), num_sites=3, seed=0)
+        needed = args.steps * args.batch_size
+        if summary.sites[0].train_records < needed:
+            parser.error(
+                f"--steps x --batch-size = {needed} exceeds site-1's "
+                f"{summary.sites[0].train_records} records; use fewer steps"
+            )
         data = Path(tmp) / "site-1" / "train.jsonl"
         results = {impl: _child(impl, data, args) for impl in IMPLEMENTATIONS}
     ours, trainer = results["ours"], results["trainer"]
@@ -221,7 +230,7 @@ def _run_trainer(train: Any, cfg: Any, group_by_length: bool) -> tuple[float, in
             lr_scheduler_type="cosine",
             max_grad_norm=cfg.train.max_grad_norm,
             bf16=cfg.model.precision == "bf16",
-            group_by_length=group_by_length,
+            train_sampling_strategy="group_by_length" if group_by_length else "random",
             logging_strategy="no",
             save_strategy="no",
             report_to=[],

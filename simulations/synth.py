@@ -28,18 +28,21 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
+from simulations.notes import STYLES, Patient, instruct_record, render_note
+from simulations.vocabulary import (
+    COMORBIDITIES,
+    FOLLOW_UP_DAYS,
+    REASONS,
+    SERIOUS_COMORBIDITIES,
+    pick,
+)
+
 logger = logging.getLogger(__name__)
 
-STYLES = ("terse", "narrative", "sectioned")
 AGE_BANDS = ((18, 44, "18-44"), (45, 64, "45-64"), (65, 74, "65-74"), (75, 84, "75-84"))
 OLDEST_AGE_BAND = "85+"
 MAX_AGE = 89  # older ages are identifiers under HIPAA safe harbor; never write one
 DEFAULT_MEAN_RECORDS = 575
-READMISSION_QUESTION = (
-    "Is this patient at high risk of readmission within 30 days? Answer yes or no."
-)
-REASON_QUESTION = "What was the primary reason for admission?"
-DISPOSITION_QUESTION = "Where was the patient discharged to?"
 
 # The true risk model. logit = intercept + site shift + sum of the terms below; numeric terms
 # are per unit of the named quantity, hinge terms count only beyond the named threshold.
@@ -90,279 +93,6 @@ RISK_MODEL: dict[str, float] = {
 
 
 @dataclass(frozen=True)
-class _Reason:
-    canonical: str
-    narrative: tuple[str, ...]  # with article, after "admitted for"
-    terse: tuple[str, ...]
-    weight: float  # base share of admissions
-    service: str  # follow-up clinic
-    stay: float  # typical length of stay in days
-    implies: str | None  # comorbidity the reason entails
-    frailty: float  # multiplier on comorbidity prevalence
-    course: tuple[str, ...]  # verb phrases after "She" or "He"
-    meds: tuple[tuple[str, ...], ...]
-
-
-@dataclass(frozen=True)
-class _Comorbidity:
-    narrative: tuple[str, ...]
-    terse: str
-    prevalence: float
-    age_slope: float  # log-odds-like growth per year over 65
-    meds: tuple[tuple[str, ...], ...]
-
-
-# fmt: off
-REASONS: dict[str, _Reason] = {
-    "heart_failure": _Reason(
-        "heart failure exacerbation", weight=1.2, service="cardiology", stay=5,
-        implies="chf", frailty=1.3,
-        narrative=("a heart failure exacerbation", "acute decompensated heart failure"),
-        terse=("CHF exacerbation", "CHF exac"),
-        course=(
-            "was diuresed with intravenous furosemide with good urine output",
-            "was treated with IV diuresis and weaned off oxygen",
-        ),
-        meds=(("furosemide 40 mg daily", "furosemide 80 mg twice daily", "torsemide 20 mg daily"),),
-    ),
-    "copd_exacerbation": _Reason(
-        "COPD exacerbation", weight=1.0, service="pulmonology", stay=4,
-        implies="copd", frailty=1.2,
-        narrative=("a COPD exacerbation", "an acute exacerbation of COPD"),
-        terse=("COPD exacerbation", "COPD exac"),
-        course=(
-            "was treated with nebulized bronchodilators and systemic steroids",
-            "received steroids, azithromycin and nebulizers",
-        ),
-        meds=(("prednisone 40 mg daily for 5 days",), ("albuterol inhaler as needed",)),
-    ),
-    "pneumonia": _Reason(
-        "pneumonia", weight=1.2, service="primary care", stay=4,
-        implies=None, frailty=1.0,
-        narrative=("community-acquired pneumonia", "a right lower lobe pneumonia"),
-        terse=("pneumonia", "PNA"),
-        course=(
-            "was treated with intravenous ceftriaxone and azithromycin",
-            "was treated with IV antibiotics and supplemental oxygen",
-        ),
-        meds=(("amoxicillin-clavulanate 875 mg twice daily", "cefpodoxime 200 mg twice daily"),),
-    ),
-    "sepsis": _Reason(
-        "sepsis", weight=0.9, service="infectious disease", stay=6,
-        implies=None, frailty=1.2,
-        narrative=("sepsis from a urinary source", "sepsis from a presumed pulmonary source"),
-        terse=("sepsis", "urosepsis"),
-        course=(
-            "received fluid resuscitation and broad-spectrum antibiotics",
-            "required a brief ICU stay for pressors",
-        ),
-        meds=(("ciprofloxacin 500 mg twice daily", "cefpodoxime 200 mg twice daily"),),
-    ),
-    "gi_bleed": _Reason(
-        "GI bleed", weight=0.7, service="gastroenterology", stay=4,
-        implies=None, frailty=1.1,
-        narrative=("an upper GI bleed", "a lower GI bleed"),
-        terse=("GI bleed", "UGIB"),
-        course=(
-            "underwent endoscopy and received two units of packed red cells",
-            "was transfused and scoped without further bleeding",
-        ),
-        meds=(("pantoprazole 40 mg twice daily",),),
-    ),
-    "hip_fracture": _Reason(
-        "hip fracture", weight=0.6, service="orthopedics", stay=5,
-        implies=None, frailty=1.0,
-        narrative=("a right hip fracture after a fall", "a left hip fracture after a fall"),
-        terse=("hip fracture", "hip fx s/p fall"),
-        course=(
-            "underwent surgical repair on hospital day 2",
-            "had operative fixation and worked with physical therapy",
-        ),
-        meds=(("oxycodone 5 mg every 6 hours as needed",), ("enoxaparin 40 mg daily",)),
-    ),
-    "stroke": _Reason(
-        "stroke", weight=0.6, service="neurology", stay=5,
-        implies=None, frailty=1.0,
-        narrative=("an acute ischemic stroke", "a small left-sided ischemic stroke"),
-        terse=("stroke", "CVA"),
-        course=(
-            "was evaluated by neurology; MRI showed a small infarct",
-            "had residual mild weakness and was seen by speech therapy",
-        ),
-        meds=(("aspirin 81 mg daily",), ("atorvastatin 80 mg nightly",)),
-    ),
-    "dka": _Reason(
-        "diabetic ketoacidosis", weight=0.4, service="endocrinology", stay=3,
-        implies="diabetes", frailty=0.8,
-        narrative=("diabetic ketoacidosis",),
-        terse=("DKA", "diabetic ketoacidosis"),
-        course=(
-            "was treated with an insulin infusion and fluids until the gap closed",
-            "was treated per DKA protocol",
-        ),
-        meds=(("insulin glargine 24 units nightly",), ("insulin lispro with meals",)),
-    ),
-    "cellulitis": _Reason(
-        "cellulitis", weight=0.8, service="primary care", stay=3,
-        implies=None, frailty=0.8,
-        narrative=("cellulitis of the left leg", "cellulitis of the right leg"),
-        terse=("cellulitis", "leg cellulitis"),
-        course=(
-            "was treated with IV cefazolin with improving erythema",
-            "improved on IV antibiotics",
-        ),
-        meds=(("cephalexin 500 mg four times daily",),),
-    ),
-    "knee_replacement": _Reason(
-        "elective knee replacement", weight=0.8, service="orthopedics", stay=2,
-        implies=None, frailty=0.5,
-        narrative=("an elective total knee replacement", "a planned knee arthroplasty"),
-        terse=("elective TKA", "elective knee replacement"),
-        course=(
-            "underwent uncomplicated total knee arthroplasty",
-            "had an uneventful knee replacement",
-        ),
-        meds=(("acetaminophen 1 g three times daily",), ("aspirin 81 mg twice daily",)),
-    ),
-    "chest_pain": _Reason(
-        "chest pain", weight=0.9, service="cardiology", stay=1.5,
-        implies=None, frailty=0.8,
-        narrative=("chest pain; myocardial infarction was ruled out", "atypical chest pain"),
-        terse=("chest pain, MI r/o", "chest pain"),
-        course=(
-            "had negative serial troponins and a normal stress test",
-            "was ruled out for acute coronary syndrome",
-        ),
-        meds=(("aspirin 81 mg daily",),),
-    ),
-    "hepatic_encephalopathy": _Reason(
-        "hepatic encephalopathy", weight=0.3, service="hepatology", stay=5,
-        implies="cirrhosis", frailty=1.2,
-        narrative=("hepatic encephalopathy",),
-        terse=("hepatic encephalopathy", "HE"),
-        course=(
-            "was treated with lactulose with improved mental status",
-            "improved on lactulose and rifaximin",
-        ),
-        meds=(("lactulose 20 g three times daily",), ("rifaximin 550 mg twice daily",)),
-    ),
-    "uti": _Reason(
-        "urinary tract infection", weight=0.7, service="primary care", stay=3,
-        implies=None, frailty=1.0,
-        narrative=("a urinary tract infection", "a complicated urinary tract infection"),
-        terse=("UTI",),
-        course=(
-            "was treated with IV ceftriaxone, narrowed per cultures",
-            "improved on antibiotics",
-        ),
-        meds=(("nitrofurantoin 100 mg twice daily", "cephalexin 500 mg twice daily"),),
-    ),
-    "syncope": _Reason(
-        "syncope", weight=0.6, service="cardiology", stay=2,
-        implies=None, frailty=0.9,
-        narrative=("syncope", "a syncopal episode"),
-        terse=("syncope",),
-        course=(
-            "had unremarkable telemetry and a normal echocardiogram",
-            "had orthostatic vitals and a benign work-up",
-        ),
-        meds=(),
-    ),
-}
-
-COMORBIDITIES: dict[str, _Comorbidity] = {
-    "chf": _Comorbidity(
-        terse="CHF", prevalence=0.18, age_slope=0.03,
-        narrative=(
-            "congestive heart failure",
-            "chronic heart failure",
-            "heart failure with reduced ejection fraction",
-        ),
-        meds=(
-            ("metoprolol succinate 25 mg daily", "carvedilol 12.5 mg twice daily"),
-            ("lisinopril 10 mg daily", "valsartan 80 mg daily"),
-        ),
-    ),
-    "copd": _Comorbidity(
-        terse="COPD", prevalence=0.16, age_slope=0.02,
-        narrative=("COPD", "chronic obstructive pulmonary disease"),
-        meds=(("tiotropium inhaler daily",), ("albuterol inhaler as needed",)),
-    ),
-    "ckd": _Comorbidity(
-        terse="CKD", prevalence=0.18, age_slope=0.03,
-        narrative=("chronic kidney disease", "chronic kidney disease stage 3", "CKD stage 4"),
-        meds=(("sodium bicarbonate 650 mg twice daily", "calcitriol 0.25 mcg daily"),),
-    ),
-    "diabetes": _Comorbidity(
-        terse="DM2", prevalence=0.28, age_slope=0.01,
-        narrative=("type 2 diabetes", "diabetes mellitus", "insulin-dependent diabetes"),
-        meds=(("metformin 500 mg twice daily", "insulin glargine 20 units nightly"),),
-    ),
-    "afib": _Comorbidity(
-        terse="AFib", prevalence=0.14, age_slope=0.05,
-        narrative=("atrial fibrillation", "paroxysmal atrial fibrillation"),
-        meds=(("apixaban 5 mg twice daily", "warfarin 5 mg daily"), ("diltiazem 120 mg daily",)),
-    ),
-    "cirrhosis": _Comorbidity(
-        terse="cirrhosis", prevalence=0.05, age_slope=-0.02,
-        narrative=("cirrhosis", "alcohol-related cirrhosis"),
-        meds=(("spironolactone 50 mg daily",), ("lactulose 20 g twice daily",)),
-    ),
-    "dementia": _Comorbidity(
-        terse="dementia", prevalence=0.06, age_slope=0.09,
-        narrative=("dementia", "moderate dementia"),
-        meds=(("donepezil 10 mg nightly",),),
-    ),
-    "cancer": _Comorbidity(
-        terse="cancer", prevalence=0.1, age_slope=0.02,
-        narrative=(
-            "metastatic lung cancer",
-            "colon cancer on chemotherapy",
-            "breast cancer under treatment",
-            "prostate cancer",
-        ),
-        meds=(("ondansetron 8 mg as needed for nausea",),),
-    ),
-    "hypertension": _Comorbidity(
-        terse="HTN", prevalence=0.5, age_slope=0.03,
-        narrative=("hypertension",),
-        meds=(("amlodipine 5 mg daily", "hydrochlorothiazide 25 mg daily"),),
-    ),
-    "hyperlipidemia": _Comorbidity(
-        terse="HLD", prevalence=0.38, age_slope=0.01,
-        narrative=("hyperlipidemia",),
-        meds=(("atorvastatin 40 mg nightly",),),
-    ),
-    "depression": _Comorbidity(
-        terse="depression", prevalence=0.14, age_slope=0.0,
-        narrative=("depression", "major depressive disorder"),
-        meds=(("sertraline 50 mg daily",),),
-    ),
-    "obesity": _Comorbidity(
-        terse="obesity", prevalence=0.2, age_slope=-0.01,
-        narrative=("obesity",),
-        meds=(),
-    ),
-}
-# fmt: on
-
-DISPOSITIONS: dict[str, tuple[str, str, str]] = {  # canonical, narrative, terse
-    "home": ("home", "discharged home", "home"),
-    "home_services": (
-        "home with services",
-        "discharged home with home health services",
-        "home w/ services",
-    ),
-    "snf": ("skilled nursing facility", "discharged to a skilled nursing facility", "SNF"),
-    "rehab": ("rehabilitation facility", "discharged to an acute rehabilitation facility", "rehab"),
-    "ama": ("left against medical advice", "left against medical advice", "left AMA"),
-}
-SERIOUS_COMORBIDITIES = frozenset({"chf", "copd", "ckd", "cirrhosis", "dementia", "cancer"})
-NUMBER_WORDS = ("no", "one", "two", "three", "four", "five", "six")
-FOLLOW_UP_DAYS = (3, 5, 7, 7, 7, 10, 14, 14, 21, 30)
-
-
-@dataclass(frozen=True)
 class SiteProfile:
     """One site's case mix, readmission prevalence, size and note style."""
 
@@ -385,26 +115,6 @@ class SiteProfile:
     def dominant_style(self) -> str:
         """The site's most frequent note style."""
         return STYLES[int(np.argmax(self.style_weights))]
-
-
-@dataclass(frozen=True)
-class Patient:
-    """The facts behind one discharge note."""
-
-    age: int
-    sex: str
-    reason: str
-    comorbidities: tuple[str, ...]
-    creatinine: float
-    hemoglobin: float
-    sodium: int
-    bnp_elevated: bool | None  # None: not measured
-    length_of_stay: int
-    disposition: str
-    prior_admissions: int
-    follow_up_days: int | None  # None: no follow-up arranged
-    follow_up_service: str
-    medications: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -488,10 +198,6 @@ def readmission_risk(patient: Patient, intercept_shift: float = 0.0) -> float:
     return 1.0 / (1.0 + math.exp(-risk_logit(patient, intercept_shift)))
 
 
-def _pick(rng: np.random.Generator, options: Sequence[str]) -> str:
-    return options[int(rng.random() * len(options))]
-
-
 def _weighted(rng: np.random.Generator, keys: Sequence[str], weights: Sequence[float]) -> str:
     cumulative = list(accumulate(weights))
     index = bisect_right(cumulative, rng.random() * cumulative[-1])
@@ -567,7 +273,7 @@ def sample_patient(profile: SiteProfile, rng: np.random.Generator) -> Patient:
     for c in comorbidities:
         groups.extend(COMORBIDITIES[c].meds)
     for group in groups:
-        med = _pick(rng, group)
+        med = pick(rng, group)
         if med not in medications:
             medications.append(med)
     return Patient(
@@ -586,194 +292,6 @@ def sample_patient(profile: SiteProfile, rng: np.random.Generator) -> Patient:
         follow_up_service=service,
         medications=tuple(medications),
     )
-
-
-def _join(items: Sequence[str]) -> str:
-    if len(items) <= 1:
-        return "".join(items)
-    return f"{', '.join(items[:-1])} and {items[-1]}"
-
-
-def _article(age: int) -> str:
-    return "an" if str(age).startswith("8") or age in (11, 18) else "a"
-
-
-def _count(n: int, rng: np.random.Generator) -> str:
-    """Prior admissions as a word or a digit, so both spellings are learnt."""
-    return NUMBER_WORDS[n] if n == 0 or rng.random() < 0.6 else str(n)
-
-
-def _lab_parts(p: Patient, style: str, rng: np.random.Generator) -> list[str]:
-    terse = style == "terse"
-    keep = 0.7 if terse else 0.85
-    parts: list[str] = []
-    if rng.random() < keep + 0.1:
-        note = ""
-        if p.creatinine >= 2.0 and rng.random() < 0.65:
-            note = " (AKI)" if terse else " (acute kidney injury)"
-        parts.append(f"{'Cr' if terse else 'creatinine'} {p.creatinine}{note}")
-    if rng.random() < keep:
-        note = " (anemia)" if p.hemoglobin < 10 and rng.random() < 0.65 else ""
-        parts.append(f"{'Hgb' if terse else 'hemoglobin'} {p.hemoglobin}{note}")
-    if rng.random() < keep - 0.1:
-        note = " (hyponatremia)" if p.sodium < 133 and rng.random() < 0.65 else ""
-        parts.append(f"{'Na' if terse else 'sodium'} {p.sodium}{note}")
-    if p.bnp_elevated is not None:
-        parts.append("BNP elevated" if p.bnp_elevated else "BNP normal")
-    return parts
-
-
-def _follow_up(p: Patient, style: str, rng: np.random.Generator) -> str:
-    if p.follow_up_days is None:
-        if style == "terse":
-            return _pick(rng, ("No f/u arranged.", "No follow-up arranged."))
-        if style == "sectioned":
-            return _pick(rng, ("Follow-up: no follow-up arranged", "Follow-up: none arranged"))
-        return _pick(rng, ("No follow-up arranged.", "No follow-up appointment was arranged."))
-    days, service = p.follow_up_days, p.follow_up_service
-    if style == "terse":
-        return f"F/u {service} {days}d."
-    if style == "sectioned":
-        return f"Follow-up: {service} in {days} days"
-    return f"Follow-up with {service} in {days} days."
-
-
-def _prior(p: Patient, style: str, pronoun: str, rng: np.random.Generator) -> str:
-    n = p.prior_admissions
-    count = _count(n, rng)
-    plural = "" if n == 1 else "s"
-    if style == "terse":
-        return f"{count.capitalize()} admit{plural} past yr." if n else "No admits past yr."
-    if style == "sectioned":
-        return f"Prior admissions in past year: {count if n else 'none'}"
-    if n == 0:
-        return _pick(rng, ("No prior admissions in the past year.", "First admission this year."))
-    return _pick(
-        rng,
-        (
-            f"{pronoun} has had {count} prior admission{plural} in the past year.",
-            f"{count.capitalize()} prior admission{plural} in the past 12 months.",
-        ),
-    )
-
-
-def _vitals(rng: np.random.Generator, terse: bool) -> str:
-    systolic, rate = int(rng.integers(104, 156)), int(rng.integers(58, 102))
-    if terse:
-        return f"Afebrile, SBP {systolic}, HR {rate}."
-    return f"afebrile, systolic BP {systolic}, heart rate {rate}"
-
-
-def _terse_note(p: Patient, rng: np.random.Generator) -> str:
-    reason = REASONS[p.reason]
-    pmh = ", ".join(COMORBIDITIES[c].terse for c in p.comorbidities) or "none"
-    parts = [
-        f"{p.age}{p.sex} adm for {_pick(rng, reason.terse)}.",
-        f"PMH: {pmh}.",
-        _prior(p, "terse", "", rng),
-        f"LOS {p.length_of_stay}d.",
-    ]
-    labs = _lab_parts(p, "terse", rng)
-    if labs:
-        parts.append(", ".join(labs) + ".")
-    if rng.random() < 0.15:
-        parts.append(_vitals(rng, terse=True))
-    parts.append(f"Dispo: {DISPOSITIONS[p.disposition][2]}.")
-    parts.append(_follow_up(p, "terse", rng))
-    if p.medications and rng.random() < 0.5:
-        parts.append(f"Meds: {p.medications[0]}.")
-    return " ".join(parts)
-
-
-def _narrative_note(p: Patient, rng: np.random.Generator) -> str:
-    reason = REASONS[p.reason]
-    female = p.sex == "F"
-    person = _pick(rng, ("woman", "woman", "female") if female else ("man", "man", "male"))
-    pronoun = "She" if female else "He"
-    history = _join([_pick(rng, COMORBIDITIES[c].narrative) for c in p.comorbidities])
-    history = f"a history of {history}" if history else "no significant past medical history"
-    who = f"{p.age}-year-old {person} with {history}"
-    admitted = _pick(rng, reason.narrative)
-    opener = _pick(
-        rng,
-        (
-            f"{_article(p.age).capitalize()} {who} was admitted for {admitted}.",
-            f"The patient is {_article(p.age)} {who} who was admitted for {admitted}.",
-        ),
-    )
-    course = f"{pronoun} {_pick(rng, reason.course)}"
-    if p.disposition == "ama":
-        course += f" and left against medical advice on hospital day {p.length_of_stay}."
-    else:
-        course += f"; {pronoun.lower()} was {DISPOSITIONS[p.disposition][1]}"
-        course += f" on hospital day {p.length_of_stay}."
-    sentences = [opener, _prior(p, "narrative", pronoun, rng), course]
-    labs = _lab_parts(p, "narrative", rng)
-    if labs:
-        sentences.append(f"Labs were notable for {_join(labs)}.")
-    sentences.append(_follow_up(p, "narrative", rng))
-    if rng.random() < 0.3:
-        sentences.append(f"At discharge {pronoun.lower()} was {_vitals(rng, terse=False)}.")
-    if rng.random() < 0.3:
-        walker = rng.random() < (p.age - 30) / 80
-        sentences.append(f"Ambulating {'with a walker' if walker else 'independently'}.")
-    if p.medications:
-        sentences.append(f"Discharge medications: {_join(list(p.medications[:2]))}.")
-    return " ".join(sentences)
-
-
-def _sectioned_note(p: Patient, rng: np.random.Generator) -> str:
-    reason = REASONS[p.reason]
-    sex = "female" if p.sex == "F" else "male"
-    history = "; ".join(_pick(rng, COMORBIDITIES[c].narrative) for c in p.comorbidities)
-    admitted = _pick(rng, reason.narrative).removeprefix("a ").removeprefix("an ")
-    course = _pick(rng, reason.course).removeprefix("was ")
-    stay = f"{p.length_of_stay} day{'' if p.length_of_stay == 1 else 's'}"
-    lines = [
-        f"Reason for admission: {admitted}",
-        f"Patient: {p.age}-year-old {sex}",
-        f"History: {history or 'none'}",
-        _prior(p, "sectioned", "", rng),
-        f"Hospital course: {course}; length of stay {stay}"
-        if rng.random() < 0.6
-        else f"Length of stay: {stay}",
-        f"Disposition: {DISPOSITIONS[p.disposition][0]}",
-        _follow_up(p, "sectioned", rng),
-    ]
-    labs = _lab_parts(p, "sectioned", rng)
-    if labs:
-        lines.append(f"Labs: {'; '.join(labs)}")
-    if rng.random() < 0.15:
-        lines.append(f"Vitals: {_vitals(rng, terse=False)}")
-    if p.medications:
-        lines.append("Discharge medications:")
-        lines.extend(f"- {med}" for med in p.medications[:2])
-    return "\n".join(lines)
-
-
-def render_note(patient: Patient, style: str, rng: np.random.Generator) -> str:
-    """Write one de-identified discharge note in the given style."""
-    if style == "terse":
-        return _terse_note(patient, rng)
-    if style == "narrative":
-        return _narrative_note(patient, rng)
-    if style == "sectioned":
-        return _sectioned_note(patient, rng)
-    raise ValueError(f"unknown note style {style!r}; expected one of {', '.join(STYLES)}")
-
-
-def instruct_record(
-    note: str, patient: Patient, label: int, rng: np.random.Generator
-) -> dict[str, str]:
-    """A prompt/completion pair about the note; the completion starts with a space."""
-    roll = rng.random()
-    if roll < 0.5:
-        question, answer = READMISSION_QUESTION, "yes" if label else "no"
-    elif roll < 0.8:
-        question, answer = REASON_QUESTION, REASONS[patient.reason].canonical
-    else:
-        question, answer = DISPOSITION_QUESTION, DISPOSITIONS[patient.disposition][0]
-    return {"prompt": f"{note}\n\nQuestion: {question}\nAnswer:", "completion": f" {answer}"}
 
 
 def _spread(rng: np.random.Generator, low: float, high: float, n: int) -> np.ndarray:

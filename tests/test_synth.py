@@ -14,7 +14,7 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from simulations import synth
+from simulations import notes, synth
 from simulations.cli import main
 
 FILES = ("train.jsonl", "test.jsonl", "instruct-train.jsonl", "instruct-test.jsonl")
@@ -81,7 +81,7 @@ def test_sites_differ_in_size_prevalence_case_mix_and_style(federation: Path) ->
     assert max(prevalences) - min(prevalences) > 0.1
     assert all(0.15 <= p <= 0.5 for p in prevalences)
     words = {s["dominant_style"]: s["mean_words"] for s in sites}
-    assert set(words) == set(synth.STYLES)
+    assert set(words) == set(notes.STYLES)
     assert words["terse"] + 15 < words["sectioned"] and words["terse"] + 15 < words["narrative"]
     profiles = synth.site_profiles(3, seed=0)
     assert [p.train_records for p in profiles] == sizes
@@ -98,7 +98,7 @@ def test_records_per_site_sets_the_mean_size() -> None:
 
 def test_risk_follows_the_documented_coefficients() -> None:
     m = synth.RISK_MODEL
-    patient = synth.Patient(
+    patient = notes.Patient(
         age=75, sex="M", reason="heart_failure", comorbidities=("chf", "ckd"), creatinine=2.2,
         hemoglobin=9.0, sodium=131, bnp_elevated=True, length_of_stay=20, disposition="snf",
         prior_admissions=6, follow_up_days=None, follow_up_service="cardiology", medications=(),

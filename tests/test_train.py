@@ -108,3 +108,27 @@ def test_real_minilm_loads_offline_and_trains(text_file: Path) -> None:
     assert math.isfinite(result.loss) and result.steps == 3
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert any("lora_B" in k for k in changed) and any("classifier" in k for k in changed)
+
+
+def test_gradient_checkpointing_gives_the_same_training(
+    tiny_bert_dir: Path, text_file: Path
+) -> None:
+    plain = _config(tiny_bert_dir, **{"train.local-steps": 6})
+    checkpointed = _config(
+        tiny_bert_dir, **{"train.local-steps": 6, "model.gradient-checkpointing": True}
+    )
+    data = _tokenized(plain, text_file)
+    first, second = build_model(plain), build_model(checkpointed)
+    assert first is not second and second.is_gradient_checkpointing
+    a, b = train_local(first, data, plain), train_local(second, data, checkpointed)
+    assert a.loss == pytest.approx(b.loss, rel=1e-5)
+    sa, sb = get_adapter_state(first), get_adapter_state(second)
+    assert all(torch.allclose(sa[k], sb[k], atol=1e-6) for k in sa)
+
+
+def test_bf16_autocast_trains_on_cpu(tiny_bert_dir: Path, text_file: Path) -> None:
+    cfg = _config(tiny_bert_dir, **{"train.local-steps": 3, "model.precision": "bf16"})
+    model = build_model(cfg)
+    result = train_local(model, _tokenized(cfg, text_file), cfg)
+    assert math.isfinite(result.loss)
+    assert all(v.dtype == torch.float32 for v in get_adapter_state(model).values())
