@@ -182,7 +182,12 @@ def _build(path: Path, settings: ModelSettings, lora: LoraSettings, device: torc
         if param.requires_grad:
             param.data = param.data.float()
     if settings.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5 renamed the method; 4.x has only the old name
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.to(device)
     trainable, total = model.get_nb_trainable_parameters()
     log.info("LoRA model ready: %d trainable of %d parameters, on %s", trainable, total, device)
