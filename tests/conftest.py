@@ -8,11 +8,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported 
 
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoTokenizer,
+    BertConfig,
+    BertModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+)
 
 from common.model import resolve_model_path
 
@@ -24,45 +32,55 @@ def minilm_dir() -> Path:
     return resolve_model_path("builtin:minilm")
 
 
+def _save_tiny(out: Path, minilm_dir: Path, build: Callable[[int, int], PreTrainedModel]) -> Path:
+    """Save a tiny model from `build(vocab_size, pad_id)` next to the MiniLM tokenizer."""
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir, local_files_only=True)
+    torch.manual_seed(0)
+    build(tokenizer.vocab_size, tokenizer.pad_token_id).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Path:
     """A 2-layer BERT with hidden size 32 and the MiniLM tokenizer."""
-    out = tmp_path_factory.mktemp("tiny-bert")
-    tokenizer = AutoTokenizer.from_pretrained(minilm_dir, local_files_only=True)
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
+    return _save_tiny(
+        tmp_path_factory.mktemp("tiny-bert"),
+        minilm_dir,
+        lambda vocab, pad: BertModel(
+            BertConfig(
+                vocab_size=vocab,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=64,
+                max_position_embeddings=128,
+                pad_token_id=pad,
+            )
+        ),
     )
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Path:
     """A 2-layer Llama with hidden size 32, reusing the MiniLM tokenizer's vocabulary."""
-    out = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = AutoTokenizer.from_pretrained(minilm_dir, local_files_only=True)
-    config = LlamaConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=256,
-        pad_token_id=tokenizer.pad_token_id,
-        initializer_range=0.2,  # the default 0.02 leaves a frozen random head near-uniform
+    return _save_tiny(
+        tmp_path_factory.mktemp("tiny-llama"),
+        minilm_dir,
+        lambda vocab, pad: LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=vocab,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                num_key_value_heads=2,
+                intermediate_size=64,
+                max_position_embeddings=256,
+                pad_token_id=pad,
+                initializer_range=0.2,  # the default 0.02 leaves a frozen random head near-uniform
+            )
+        ),
     )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
