@@ -23,11 +23,30 @@ class DataError(ValueError):
     def __init__(self, path: Path, problems: Sequence[str]) -> None:
         self.path = path
         self.problems = list(problems)
-        shown = [f"{path.name}:{p}" for p in self.problems[:MAX_PROBLEMS_SHOWN]]
-        more = len(self.problems) - len(shown)
+        lines = [f"{path.name}:{p}" for p in _grouped(self.problems)]
+        shown = lines[:MAX_PROBLEMS_SHOWN]
+        more = len(lines) - len(shown)
         tail = [f"... and {more} more problems"] if more > 0 else []
         head = f"{path}: {len(self.problems)} problem(s) in the data"
         super().__init__("\n  ".join([head, *shown, *tail]))
+
+
+def _grouped(problems: Sequence[str]) -> list[str]:
+    """Merge rows that share one message: "lines 1, 2, 3 and 40 more (43 rows): ..."."""
+    places: dict[str, list[str]] = {}
+    for problem in problems:
+        where, _, message = problem.partition(": ")
+        places.setdefault(message, []).append(where)
+    merged = []
+    for message, wheres in places.items():
+        if len(wheres) == 1:
+            merged.append(f"{wheres[0]}: {message}")
+            continue
+        unit = wheres[0].split(" ")[0]
+        numbers = ", ".join(w.split(" ", 1)[-1] for w in wheres[:5])
+        rest = f" and {len(wheres) - 5} more" if len(wheres) > 5 else ""
+        merged.append(f"{unit}s {numbers}{rest} ({len(wheres)} rows): {message}")
+    return merged
 
 
 @dataclass(frozen=True)
@@ -150,7 +169,10 @@ def _text_record(row: Row, labels: _LabelMap) -> TextRecord:
     fields = row.fields or {}
     text = fields.get("text")
     if "text" not in fields:
-        raise ValueError(_missing("text", fields, "classification records need text and label"))
+        hint = "classification records need text and label"
+        if "prompt" in fields or "messages" in fields:
+            hint = "these look like instruction records: set model.task = causal-lm"
+        raise ValueError(_missing("text", fields, hint))
     if not isinstance(text, str):
         raise ValueError(f'"text" must be a string, got {_kind(text)}')
     if not text.strip():
@@ -166,11 +188,10 @@ def _instruct_record(row: Row) -> InstructRecord:
         return InstructRecord(row=row.number, segments=_chat_segments(fields["messages"]))
     for key in ("prompt", "completion"):
         if key not in fields:
-            raise ValueError(
-                _missing(
-                    key, fields, 'instruction records need "prompt" and "completion", or "messages"'
-                )
-            )
+            hint = 'instruction records need "prompt" and "completion", or "messages"'
+            if "text" in fields and "label" in fields:
+                hint = "these look like classification records: set model.task = classification"
+            raise ValueError(_missing(key, fields, hint))
         if not isinstance(fields[key], str):
             raise ValueError(f'"{key}" must be a string, got {_kind(fields[key])}')
     if not fields["completion"].strip():

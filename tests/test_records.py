@@ -119,7 +119,7 @@ def test_each_instruction_error(tmp_path: Path, record: dict, expected: str) -> 
 
 
 def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
-    lines = [json.dumps({"text": SECRET, "label": 9})] * 30 + ["{broken"]
+    lines = [json.dumps({"text": SECRET, "label": 2 + i}) for i in range(30)] + ["{broken"]
     error = _errors(_write(tmp_path / "many.jsonl", lines))
     assert len(error.problems) == 31
     assert "line 31: not valid JSON" in error.problems[-1]
@@ -193,3 +193,14 @@ def test_collate_pads_dynamically(minilm_dir: Path) -> None:
     assert batch["input_ids"].shape[1] == max(len(i) for i in data.input_ids)
     assert batch["attention_mask"].sum().item() == sum(len(i) for i in data.input_ids)
     assert batch["labels"].tolist() == [0, 1]
+
+
+def test_repeated_problems_are_merged_and_task_mismatch_is_named(tmp_path: Path) -> None:
+    lines = [json.dumps({"prompt": SECRET, "completion": "yes"})] * 8
+    error = _errors(_write(tmp_path / "i.jsonl", lines))
+    assert len(error.problems) == 8
+    text = str(error)
+    assert 'i.jsonl:lines 1, 2, 3, 4, 5 and 3 more (8 rows): field "text" missing' in text
+    assert "set model.task = causal-lm" in text
+    error = _errors(_write(tmp_path / "c.jsonl", [json.dumps({"text": SECRET, "label": 1})]), LM)
+    assert "set model.task = classification" in str(error)
