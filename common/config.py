@@ -132,7 +132,7 @@ class TrainSettings(_Section):
     batch_size: int = Field(16, ge=1, le=4096)
     """Examples per forward pass."""
 
-    learning_rate: float = Field(1e-3, gt=0, le=1)
+    learning_rate: float = Field(2e-3, gt=0, le=1)
     """Peak learning rate of AdamW, reached after warmup."""
 
     weight_decay: float = Field(0.01, ge=0, le=1)
