@@ -36,6 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--model", default="builtin:minilm", help="model.path of the base model")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="runs of each implementation, interleaved; medians are reported",
+    )
     parser.add_argument("--only", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -53,7 +59,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"{summary.sites[0].train_records} records; use fewer steps"
             )
         data = Path(tmp) / "site-1" / "train.jsonl"
-        results = {impl: _child(impl, data, args) for impl in IMPLEMENTATIONS}
+        runs: dict[str, list[dict[str, Any]]] = {impl: [] for impl in IMPLEMENTATIONS}
+        for repeat in range(args.repeats):  # interleaved, so drifts in machine speed hit all
+            for impl in IMPLEMENTATIONS:
+                runs[impl].append(_child(impl, data, args, f"{repeat + 1}/{args.repeats}"))
+    results = {impl: _median(samples) for impl, samples in runs.items()}
     ours, trainer = results["ours"], results["trainer"]
     report: dict[str, Any] = {
         "benchmark": "local LoRA training throughput",
@@ -66,9 +76,11 @@ def main(argv: list[str] | None = None) -> int:
             "max_length": args.max_length,
             "precision": args.precision,
             "threads": _threads(),
+            "repeats": args.repeats,
         },
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
         "results": results,
+        "runs": runs,
         "ratio_examples_per_s_vs_trainer": ours["examples_per_s"] / trainer["examples_per_s"],
         "ratio_examples_per_s_vs_trainer_grouped": (
             ours["examples_per_s"] / results["trainer-grouped"]["examples_per_s"]
@@ -85,7 +97,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _child(impl: str, data: Path, args: argparse.Namespace) -> dict[str, Any]:
+def _median(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-figure median over repeated runs."""
+    import statistics
+
+    return {key: statistics.median(s[key] for s in samples) for key in samples[0]}
+
+
+def _child(impl: str, data: Path, args: argparse.Namespace, label: str) -> dict[str, Any]:
     command = [
         sys.executable,
         "-m",
@@ -105,7 +124,7 @@ def _child(impl: str, data: Path, args: argparse.Namespace) -> dict[str, Any]:
         "--model",
         args.model,
     ]
-    print(f"running {impl} ...", file=sys.stderr)
+    print(f"running {impl} ({label}) ...", file=sys.stderr)
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"{impl} failed:\n{done.stderr[-3000:]}")
