@@ -220,13 +220,12 @@ def _run_trainer(train: Any, cfg: Any, group_by_length: bool) -> tuple[float, in
         for ids, label in zip(train.input_ids, train.targets, strict=True)
     ]
     pad = DataCollatorWithPadding(tokenizer)
-    seen = {"tokens": 0, "padded": 0, "examples": 0}
+    seen: list[tuple[int, int, int]] = []  # (examples, tokens, padded) per collated batch
 
     def collate(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = pad(features)
-        seen["tokens"] += int(batch["attention_mask"].sum())
-        seen["padded"] += batch["attention_mask"].numel()
-        seen["examples"] += len(features)
+        mask = batch["attention_mask"]
+        seen.append((len(features), int(mask.sum()), mask.numel()))
         return batch
 
     clock: dict[str, float] = {}
@@ -266,7 +265,10 @@ def _run_trainer(train: Any, cfg: Any, group_by_length: bool) -> tuple[float, in
             callbacks=[Clock()],
         )
         trainer.train()
-    return clock["end"] - clock["start"], seen["examples"], seen["tokens"], seen["padded"]
+    # The data loader prefetches batches it never trains on: count the consumed ones only.
+    consumed = seen[: cfg.train.local_steps]
+    examples, tokens, padded = (sum(column) for column in zip(*consumed, strict=True))
+    return clock["end"] - clock["start"], examples, tokens, padded
 
 
 if __name__ == "__main__":
