@@ -209,7 +209,7 @@ def _load_base(
     transformers.logging.disable_progress_bar()
     try:
         base = auto.from_pretrained(path, local_files_only=True, dtype=dtype, **extra)
-    except (OSError, ValueError, RuntimeError) as e:
+    except Exception as e:  # any failure here is a bad model directory: safetensors, OS, ...
         raise ModelError(
             f"model.path {path}: cannot load the model ({type(e).__name__}: {e}); "
             "check that the weights are complete, or reinstall the model"
