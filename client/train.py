@@ -59,12 +59,15 @@ def train_local(
     cfg: FedtuneConfig,
     *,
     start_step: int = 0,
+    proximal_mu: float = 0.0,
     on_step: StepCallback | None = None,
 ) -> TrainResult:
     """Train the adapter in place with AdamW for one call's steps.
 
     `start_step` places this call on a schedule that may span federated rounds
     (`train.schedule-steps`); batch order and dropout are seeded from `train.seed` and it.
+    `proximal_mu` > 0 adds FedProx's mu/2 * ||w - w_start||^2 over the trainable weights,
+    which keeps the update near the global adapter it started from.
     """
     settings = cfg.train
     if len(data) == 0:
@@ -74,6 +77,8 @@ def train_local(
     device = next(model.parameters()).device
     amp = autocast_dtype(cfg.model, device)
     optimizer = _optimizer(model, settings)
+    trainable = [p for g in optimizer.param_groups for p in g["params"]]
+    anchor = [p.detach().clone() for p in trainable] if proximal_mu > 0 else []
     task = cfg.model.task
     model.train()
     started = time.perf_counter()
@@ -90,14 +95,16 @@ def train_local(
                 batch = {k: v.to(device, non_blocking=True) for k, v in next(stream).items()}
                 with _autocast(device, amp):
                     loss = _loss(model, batch, task, reduction="mean")
-                (loss / settings.grad_accum_steps).backward()
+                objective = loss
+                if anchor:
+                    objective = loss + 0.5 * proximal_mu * _drift(trainable, anchor)
+                (objective / settings.grad_accum_steps).backward()
                 step_loss += loss.item() / settings.grad_accum_steps
                 examples += batch["input_ids"].shape[0]
                 tokens += int(batch["attention_mask"].sum())
                 padded += batch["attention_mask"].numel()
             if settings.max_grad_norm > 0:
-                params = [p for g in optimizer.param_groups for p in g["params"]]
-                torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             loss_sum += step_loss
@@ -157,6 +164,11 @@ def _loss(
         ignore_index=IGNORE,
         reduction=reduction,
     )
+
+
+def _drift(params: list[torch.Tensor], anchor: list[torch.Tensor]) -> torch.Tensor:
+    """Squared distance of the weights from where this call started."""
+    return torch.stack([((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True)]).sum()
 
 
 def _optimizer(model: PeftModel, settings: TrainSettings) -> torch.optim.AdamW:

@@ -164,6 +164,39 @@ class TrainSettings(_Section):
     """Torch CPU threads; 0 uses one per available core (more threads than cores is slower)."""
 
 
+class FederationSettings(_Section):
+    """The federated run: rounds, strategy and how many sites take part."""
+
+    rounds: int = Field(3, ge=1, le=100_000)
+    """Federated rounds; the learning-rate schedule spans all of them."""
+
+    strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm"] = "fedavg"
+    """Aggregation strategy on the coordinator."""
+
+    proximal_mu: float = Field(0.0, ge=0)
+    """FedProx proximal weight mu (used when strategy is fedprox)."""
+
+    fraction_train: float = Field(1.0, gt=0, le=1)
+    """Share of the connected sites asked to train in each round."""
+
+    min_sites: int = Field(2, ge=1)
+    """Fewest sites a round needs; fewer successful updates fail the run loudly."""
+
+    round_timeout: float = Field(600.0, gt=0)
+    """Seconds a round waits for replies before going on without the late sites."""
+
+    wire_dtype: Literal["fp32", "fp16"] = "fp32"
+    """Precision of the adapter on the wire, both ways."""
+
+
+class SimulationSettings(_Section):
+    """Where simulated sites find their data (deployed sites use node config data-path)."""
+
+    data_dir: str = "data/federation"
+    """Directory of a synthetic federation (`fedtune-sim data`); simulated site k (partition
+    id k) trains on DATA_DIR/site-(k+1)/train.jsonl."""
+
+
 class FedtuneConfig(_Section):
     """All settings of a run, one section per concern."""
 
@@ -171,6 +204,8 @@ class FedtuneConfig(_Section):
     lora: LoraSettings = LoraSettings()
     data: DataSettings = DataSettings()
     train: TrainSettings = TrainSettings()
+    federation: FederationSettings = FederationSettings()
+    simulation: SimulationSettings = SimulationSettings()
 
     @model_validator(mode="after")
     def _label_names_match_head(self) -> FedtuneConfig:

@@ -1,0 +1,131 @@
+"""ClientApp handlers called directly with a built Context and Message, on a tiny model."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+
+from client.app import evaluate, train
+from client.dataset import load_site
+from client.rounds import site_data_path
+from common.adapter import get_adapter_state
+from common.config import load_config
+from common.model import build_model
+from common.wire import from_record, to_record
+
+
+@pytest.fixture
+def run_config(tiny_bert_dir: Path) -> dict[str, object]:
+    return {
+        "model.path": str(tiny_bert_dir),
+        "lora.rank": 4,
+        "data.max-length": 32,
+        "train.batch-size": 8,
+        "train.learning-rate": 0.01,
+        "federation.rounds": 2,
+    }
+
+
+def _context(run_config: dict[str, object], data: Path) -> Context:
+    return Context(
+        run_id=1,
+        node_id=7,
+        node_config={"data-path": str(data)},
+        state=RecordDict(),
+        run_config=run_config,  # type: ignore[arg-type]
+    )
+
+
+def _message(kind: str, arrays, **config: object) -> Message:
+    """A message as the SuperLink delivers it to node 7."""
+    content = RecordDict({"arrays": arrays, "config": ConfigRecord(config)})  # type: ignore[arg-type]
+    metadata = Metadata(
+        run_id=1,
+        message_id="m-1",
+        src_node_id=1,
+        dst_node_id=7,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=time.time(),
+        ttl=600.0,
+        message_type=kind,
+    )
+    return Message(content=content, metadata=metadata)
+
+
+def _global(run_config: dict[str, object]) -> dict[str, torch.Tensor]:
+    return get_adapter_state(build_model(load_config(run_config)))
+
+
+def test_train_replies_with_adapter_and_numbers_only(run_config, text_file: Path) -> None:
+    start = _global(run_config)
+    reply = train(
+        _message("train", to_record(start), **{"server-round": 1}), _context(run_config, text_file)
+    )
+    assert set(reply.content.keys()) == {"arrays", "metrics"}
+    updated = from_record(reply.content["arrays"])
+    assert set(updated) == set(start)
+    assert any(not torch.equal(updated[k], start[k]) for k in start), "training changed nothing"
+    metrics = dict(reply.content["metrics"])
+    assert all(isinstance(v, int | float) for v in metrics.values())
+    cfg = load_config(run_config)
+    assert metrics["num-examples"] == len(load_site(text_file, cfg).train)
+    raw = sum(v.numel() * 4 for v in start.values())
+    assert raw <= metrics["bytes-up"] <= raw + 200 * len(start)  # tensors plus key names
+    assert {"train-loss", "train-seconds", "train-steps"} <= set(metrics)
+
+
+def test_fp16_wire_halves_the_bytes(run_config, text_file: Path) -> None:
+    config = {**run_config, "federation.wire-dtype": "fp16"}
+    start = _global(config)
+    reply = train(
+        _message("train", to_record(start, "fp16"), **{"server-round": 1}),
+        _context(config, text_file),
+    )
+    arrays = reply.content["arrays"]
+    assert all(arrays[k].numpy().dtype == np.float16 for k in arrays)
+    raw = sum(v.numel() * 2 for v in start.values())
+    assert raw <= reply.content["metrics"]["bytes-up"] <= raw + 200 * len(start)
+
+
+def test_proximal_term_keeps_the_update_near_the_global_adapter(
+    run_config, text_file: Path
+) -> None:
+    start = _global(run_config)
+
+    def update_norm(mu: float) -> float:
+        message = _message("train", to_record(start), **{"server-round": 1, "proximal-mu": mu})
+        new = from_record(train(message, _context(run_config, text_file)).content["arrays"])
+        return float(sum(((new[k] - start[k]) ** 2).sum() for k in start) ** 0.5)
+
+    assert update_norm(50.0) < 0.8 * update_norm(0.0)
+
+
+def test_later_rounds_continue_the_schedule(run_config, text_file: Path) -> None:
+    start = to_record(_global(run_config))
+    first = train(_message("train", start, **{"server-round": 1}), _context(run_config, text_file))
+    second = train(_message("train", start, **{"server-round": 2}), _context(run_config, text_file))
+    assert first.content["metrics"]["train-loss"] != second.content["metrics"]["train-loss"]
+
+
+def test_evaluate_replies_with_metrics_only(run_config, text_file: Path) -> None:
+    reply = evaluate(
+        _message("evaluate", to_record(_global(run_config))), _context(run_config, text_file)
+    )
+    assert set(reply.content.keys()) == {"metrics"}
+    metrics = reply.content["metrics"]
+    assert {"f1", "auroc", "accuracy", "loss", "num-examples"} <= set(metrics.keys())
+    assert metrics["num-examples"] == len(load_site(text_file, load_config(run_config)).val)
+
+
+def test_site_data_path_for_deployment_and_simulation() -> None:
+    cfg = load_config({"simulation.data-dir": "/fed"})
+    assert site_data_path({"data-path": "/site/notes.jsonl"}, cfg) == Path("/site/notes.jsonl")
+    assert site_data_path({"partition-id": 2}, cfg) == Path("/fed/site-3/train.jsonl")
+    with pytest.raises(ValueError, match="data-path"):
+        site_data_path({}, cfg)
