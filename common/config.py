@@ -188,6 +188,16 @@ class FederationSettings(_Section):
     wire_dtype: Literal["fp32", "fp16"] = "fp32"
     """Precision of the adapter on the wire, both ways."""
 
+    server_learning_rate: float = Field(0.0, ge=0)
+    """Server step size of fedavgm, fedadam, fedyogi and fedadagrad; 0 uses each one's
+    default (fedavgm 1.0, fedadam and fedyogi 0.01, fedadagrad 0.1)."""
+
+    server_momentum: float = Field(0.9, ge=0, lt=1)
+    """Server momentum of fedavgm."""
+
+    run_dir: str = "runs"
+    """Directory under which the coordinator writes each run's metrics and adapters."""
+
 
 class SimulationSettings(_Section):
     """Where simulated sites find their data (deployed sites use node config data-path)."""

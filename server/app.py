@@ -1,21 +1,96 @@
-"""The Flower ServerApp (`[tool.flwr.app.components] serverapp`).
+"""The Flower ServerApp (`[tool.flwr.app.components] serverapp`): glue only.
 
-Not implemented yet: the federation issue (#3) brings the strategies, checkpoints and resume.
-Until then `flwr run .` stops at once with this message instead of pretending to federate.
+Waits (with a time limit) for enough sites, runs the configured strategy from the shared
+initial adapter, saves the global adapter after every round and writes the per-round
+metrics. Checkpoint manifests, resume and the report arrive with the rest of issue #3.
 """
 
 from __future__ import annotations
 
-from flwr.app import Context
+import json
+import logging
+import time
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from common.adapter import get_adapter_state, save_adapter
+from common.config import FedtuneConfig, load_config
+from common.model import build_model
+from common.wire import from_record, to_record
+from server.strategy import build_strategy
+
+log = logging.getLogger(__name__)
 app = ServerApp()
+
+
+class SitesMissing(RuntimeError):
+    """Too few sites connected within the time limit."""
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Refuse to run: the federated training loop is not built yet."""
-    raise NotImplementedError(
-        "fedtune's ServerApp is not implemented yet; it arrives with the federation issue "
-        "(#3). For local training today use: fedtune-site train --data FILE"
+    """Run the federation described by the run config."""
+    cfg = load_config(context.run_config)
+    run_dir = Path(cfg.federation.run_dir).resolve() / f"run-{context.run_id}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model = build_model(cfg)  # the coordinator needs the adapter's shape, never site data
+    peft_config = model.peft_config["default"]
+    wait_for_sites(grid, cfg.federation.min_sites, cfg.federation.round_timeout)
+    strategy = build_strategy(cfg.federation)
+    started = time.monotonic()
+
+    def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round > 0:
+            save_adapter(from_record(arrays), peft_config, run_dir / f"round-{server_round}")
+            log.info(
+                "round %d/%d done after %.1f s",
+                server_round,
+                cfg.federation.rounds,
+                time.monotonic() - started,
+            )
+        return None
+
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=to_record(get_adapter_state(model), cfg.federation.wire_dtype),
+        num_rounds=cfg.federation.rounds,
+        timeout=cfg.federation.round_timeout,
+        train_config=ConfigRecord(),
+        evaluate_config=ConfigRecord({"split": "val"}),
+        evaluate_fn=after_round,
     )
+    save_adapter(from_record(result.arrays), peft_config, run_dir / "adapter")
+    write_metrics(run_dir / "metrics.jsonl", cfg, result)
+    log.info("run finished: adapter and metrics in %s", run_dir)
+
+
+def wait_for_sites(grid: Grid, needed: int, timeout: float, poll: float = 1.0) -> int:
+    """Block until `needed` sites are connected, or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        connected = len(list(grid.get_node_ids()))
+        if connected >= needed:
+            return connected
+        if time.monotonic() >= deadline:
+            raise SitesMissing(
+                f"only {connected} of the {needed} sites needed (federation.min-sites) "
+                f"connected within {timeout:.0f} s (federation.round-timeout); check that the "
+                "sites' SuperNodes are running and can reach the SuperLink"
+            )
+        time.sleep(poll)
+
+
+def write_metrics(path: Path, cfg: FedtuneConfig, result: object) -> None:
+    """One JSON line per round: aggregated train and federated-evaluation metrics."""
+    train = getattr(result, "train_metrics_clientapp", {})
+    evaluate = getattr(result, "evaluate_metrics_clientapp", {})
+    with path.open("w") as f:
+        for server_round in range(1, cfg.federation.rounds + 1):
+            row = {
+                "round": server_round,
+                "train": dict(train.get(server_round, {})),
+                "evaluate": dict(evaluate.get(server_round, {})),
+            }
+            f.write(json.dumps(row) + "\n")
