@@ -21,7 +21,8 @@ from common.model import build_model
 from common.wire import from_record, to_record
 from server.strategy import build_strategy
 
-log = logging.getLogger(__name__)
+# A child of Flower's logger, so that progress lines reach the stream `flwr run` shows.
+log = logging.getLogger("flwr.fedtune")
 app = ServerApp()
 
 
@@ -44,11 +45,15 @@ def main(grid: Grid, context: Context) -> None:
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round > 0:
             save_adapter(from_record(arrays), peft_config, run_dir / f"round-{server_round}")
+            seconds = time.monotonic() - started
             log.info(
-                "round %d/%d done after %.1f s",
-                server_round,
-                cfg.federation.rounds,
-                time.monotonic() - started,
+                progress_line(
+                    server_round,
+                    cfg.federation.rounds,
+                    strategy.last_train,
+                    strategy.last_evaluate,
+                    seconds,
+                )
             )
         return None
 
@@ -64,6 +69,21 @@ def main(grid: Grid, context: Context) -> None:
     save_adapter(from_record(result.arrays), peft_config, run_dir / "adapter")
     write_metrics(run_dir / "metrics.jsonl", cfg, result)
     log.info("run finished: adapter and metrics in %s", run_dir)
+
+
+def progress_line(
+    server_round: int,
+    rounds: int,
+    train: dict[str, float],
+    evaluate: dict[str, float],
+    seconds: float,
+) -> str:
+    """One summary line per round: sites, loss, validation F1, MB sent up, elapsed time."""
+    sites = f"{int(train.get('sites', 0))}/{int(train.get('asked', 0))} sites"
+    loss = f"train loss {train.get('train-loss', float('nan')):.4f}"
+    f1 = f"val f1 {evaluate['f1']:.4f}  " if "f1" in evaluate else ""
+    sent = train.get("bytes-up", 0.0) * train.get("sites", 0) / 1e6
+    return f"round {server_round}/{rounds}  {sites}  {loss}  {f1}up {sent:.2f} MB  {seconds:.0f} s"
 
 
 def wait_for_sites(grid: Grid, needed: int, timeout: float, poll: float = 1.0) -> int:

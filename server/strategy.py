@@ -56,6 +56,8 @@ class _MinimumUpdates:
     """Mixin: refuse to aggregate a round whose successful updates are too few."""
 
     min_updates: int = 1
+    last_train: dict[str, float] = {}  # noqa: RUF012 - replaced per instance each round
+    last_evaluate: dict[str, float] = {}  # noqa: RUF012
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -73,4 +75,17 @@ class _MinimumUpdates:
                 f"sites asked, fewer than federation.min-sites = {self.min_updates}; the run "
                 "stops here rather than continue with an unchanged model"
             )
-        return super().aggregate_train(server_round, good)  # type: ignore[misc]
+        arrays, metrics = super().aggregate_train(server_round, good)  # type: ignore[misc]
+        self.last_train = {
+            "sites": len(good),
+            "asked": len(replies),
+            **(dict(metrics) if metrics else {}),
+        }
+        return arrays, metrics
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        metrics = super().aggregate_evaluate(server_round, replies)  # type: ignore[misc]
+        self.last_evaluate = dict(metrics) if metrics else {}
+        return metrics

@@ -52,8 +52,40 @@ def _parser() -> argparse.ArgumentParser:
         default=200,
         help="held-out test records per site (default 200)",
     )
-    sub.add_parser("run", help="run a federated simulation (not available yet)")
+    run = sub.add_parser(
+        "run",
+        help="run a simulated federation on Flower's simulation engine",
+        description="Create the synthetic federation if missing, run the Flower app on it "
+        "with a private local SuperLink, and stop that SuperLink afterwards.",
+    )
+    run.add_argument("--config", type=Path, help="TOML file overriding the default settings")
+    run.add_argument("--sites", type=_at_least(1), default=3, help="simulated sites (default 3)")
+    run.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/sim"),
+        help="where the run writes its outputs (default runs/sim)",
+    )
+    run.add_argument(
+        "--seed",
+        type=_at_least(0),
+        default=0,
+        help="seed of the synthetic federation, if it has to be made (default 0)",
+    )
     return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    from common.config import ConfigError
+    from simulations.run import SimulationError, run_simulation
+
+    try:
+        out = run_simulation(args.config, args.sites, args.out, args.seed)
+    except (ConfigError, SimulationError) as e:
+        print(f"fedtune-sim run: {e}", file=sys.stderr)
+        return 1
+    print(f"run outputs in {out}")
+    return 0
 
 
 def _data(args: argparse.Namespace) -> int:
@@ -86,14 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of fedtune-sim."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if args.command == "data":
-        return _data(args)
-    print(
-        "fedtune-sim run: federated simulation runs are not implemented yet; "
-        "they arrive with the federation issue (#3).",
-        file=sys.stderr,
-    )
-    return 2
+    return _data(args) if args.command == "data" else _run(args)
 
 
 if __name__ == "__main__":

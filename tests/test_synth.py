@@ -205,8 +205,11 @@ def test_cli_errors_are_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFix
     assert main(["data", "--sites", "2", "--out", str(file)]) == 1
     err = capsys.readouterr().err
     assert "not a directory" in err and "Traceback" not in err
-    assert main(["run"]) == 2
-    assert "#3" in capsys.readouterr().err
+    bad = tmp_path / "bad.toml"
+    bad.write_text("lora.rnak = 3\n")
+    assert main(["run", "--config", str(bad), "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert 'unknown config key "lora.rnak"' in err and "Traceback" not in err
 
 
 def test_write_federation_rejects_bad_arguments(tmp_path: Path) -> None:

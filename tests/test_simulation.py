@@ -1,0 +1,49 @@
+"""End to end: `fedtune-sim run` drives Flower's simulation engine on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from simulations.run import run_simulation
+from simulations.synth import write_federation
+
+
+@pytest.mark.slow
+def test_two_sites_two_rounds_write_the_run_directory(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    data = tmp_path / "federation"
+    write_federation(data, num_sites=2, seed=0, records_per_site=60, test_records=20)
+    override = tmp_path / "quick.toml"
+    override.write_text(
+        f'model.path = "{tiny_bert_dir}"\nlora.rank = 4\ndata.max-length = 32\n'
+        f'simulation.data-dir = "{data}"\nfederation.rounds = 2\ntrain.local-steps = 2\n'
+    )
+    out = run_simulation(override, sites=2, out=tmp_path / "run")
+    [run_dir] = [p for p in out.iterdir() if p.is_dir() and p.name.startswith("run-")]
+    for name in ("round-1", "round-2", "adapter"):
+        assert (run_dir / name / "adapter_model.safetensors").is_file(), name
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    assert all(r["train"]["bytes-up"] > 0 and "f1" in r["evaluate"] for r in rows)
+    # The private SuperLink was stopped: no process of ours still holds its database.
+    superlink_pids = _pids_using(out / "flwr-home" / "state.db")
+    assert not superlink_pids, f"SuperLink still running: {superlink_pids}"
+
+
+def _pids_using(path: Path) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if any(os.readlink(fd) == str(path) for fd in (proc / "fd").iterdir()):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    for pid in pids:  # never leave a stray server behind, even when the assertion fails
+        os.kill(pid, signal.SIGTERM)
+    return pids
