@@ -16,7 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from common.adapter import get_adapter_state, save_adapter
-from common.config import FedtuneConfig, load_config
+from common.config import load_config
 from common.model import build_model
 from common.wire import from_record, to_record
 from server.strategy import build_strategy
@@ -41,20 +41,16 @@ def main(grid: Grid, context: Context) -> None:
     wait_for_sites(grid, cfg.federation.min_sites, cfg.federation.round_timeout)
     strategy = build_strategy(cfg.federation)
     started = time.monotonic()
+    metrics_path = run_dir / "metrics.jsonl"
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round > 0:
             save_adapter(from_record(arrays), peft_config, run_dir / f"round-{server_round}")
             seconds = time.monotonic() - started
-            log.info(
-                progress_line(
-                    server_round,
-                    cfg.federation.rounds,
-                    strategy.last_train,
-                    strategy.last_evaluate,
-                    seconds,
-                )
-            )
+            train, evaluate = strategy.last_train, strategy.last_evaluate
+            row = {"round": server_round, "seconds": seconds, "train": train, "evaluate": evaluate}
+            append_metrics(metrics_path, row)
+            log.info(progress_line(server_round, cfg.federation.rounds, train, evaluate, seconds))
         return None
 
     result = strategy.start(
@@ -67,7 +63,6 @@ def main(grid: Grid, context: Context) -> None:
         evaluate_fn=after_round,
     )
     save_adapter(from_record(result.arrays), peft_config, run_dir / "adapter")
-    write_metrics(run_dir / "metrics.jsonl", cfg, result)
     log.info("run finished: adapter and metrics in %s", run_dir)
 
 
@@ -102,15 +97,7 @@ def wait_for_sites(grid: Grid, needed: int, timeout: float, poll: float = 1.0) -
         time.sleep(poll)
 
 
-def write_metrics(path: Path, cfg: FedtuneConfig, result: object) -> None:
-    """One JSON line per round: aggregated train and federated-evaluation metrics."""
-    train = getattr(result, "train_metrics_clientapp", {})
-    evaluate = getattr(result, "evaluate_metrics_clientapp", {})
-    with path.open("w") as f:
-        for server_round in range(1, cfg.federation.rounds + 1):
-            row = {
-                "round": server_round,
-                "train": dict(train.get(server_round, {})),
-                "evaluate": dict(evaluate.get(server_round, {})),
-            }
-            f.write(json.dumps(row) + "\n")
+def append_metrics(path: Path, row: dict[str, object]) -> None:
+    """Add one round's line to metrics.jsonl (written as the run goes, so a crash keeps it)."""
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")

@@ -20,6 +20,7 @@ import tomllib
 from pathlib import Path
 
 from common.config import FedtuneConfig, flatten, load_config
+from simulations.report import score_sites, table, write_report
 from simulations.synth import write_federation
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -31,7 +32,7 @@ class SimulationError(RuntimeError):
 
 
 def run_simulation(override: Path | None, sites: int, out: Path, seed: int = 0) -> Path:
-    """Run the federation; returns the directory holding the run's outputs."""
+    """Run the federation and score its adapter at every site; returns the run directory."""
     defaults = _pyproject_config()
     cfg = load_config(defaults, override)  # fail on a bad key before anything starts
     out = out.resolve()
@@ -62,7 +63,17 @@ def run_simulation(override: Path | None, sites: int, out: Path, seed: int = 0) 
             raise SimulationError(f"flwr run exited with code {done.returncode}; see above")
     finally:
         _stop(superlink)
-    return out
+    runs = sorted((p for p in out.glob("run-*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    if not runs or not (runs[-1] / "adapter").is_dir():
+        raise SimulationError(f"the run finished without writing its adapter under {out}")
+    run_dir = runs[-1]
+    final = load_config(defaults, run_config)
+    scores = score_sites(run_dir / "adapter", final, data_dir)
+    report = write_report(run_dir, scores, final)
+    print("\nGlobal adapter on each site's held-out test file:")
+    print("\n".join(table(scores)))
+    print(f"\nreport: {report}")
+    return run_dir
 
 
 def _pyproject_config() -> dict[str, object]:

@@ -23,14 +23,17 @@ def test_two_sites_two_rounds_write_the_run_directory(tiny_bert_dir: Path, tmp_p
         f'simulation.data-dir = "{data}"\nfederation.rounds = 2\ntrain.local-steps = 2\n'
     )
     out = run_simulation(override, sites=2, out=tmp_path / "run")
-    [run_dir] = [p for p in out.iterdir() if p.is_dir() and p.name.startswith("run-")]
+    run_dir = out
     for name in ("round-1", "round-2", "adapter"):
         assert (run_dir / name / "adapter_model.safetensors").is_file(), name
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
     assert all(r["train"]["bytes-up"] > 0 and "f1" in r["evaluate"] for r in rows)
+    assert all(r["train"]["sites"] == 2 for r in rows)
+    report = (run_dir / "report.md").read_text()
+    assert "| site-1 |" in report and "| site-2 |" in report and "all (weighted)" in report
     # The private SuperLink was stopped: no process of ours still holds its database.
-    superlink_pids = _pids_using(out / "flwr-home" / "state.db")
+    superlink_pids = _pids_using(out.parent / "flwr-home" / "state.db")
     assert not superlink_pids, f"SuperLink still running: {superlink_pids}"
 
 
