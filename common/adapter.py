@@ -84,16 +84,25 @@ def save_adapter(state: Mapping[str, torch.Tensor], config: PeftConfig, director
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        config.save_pretrained(str(staging))
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-        save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
-        for name in (CONFIG_FILE, WEIGHTS_FILE):
-            with (staging / name).open("rb") as f:
-                os.fsync(f.fileno())
-        _replace_dir(staging, directory)
+        write_adapter_files(state, config, staging)
+        replace_dir(staging, directory)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def write_adapter_files(
+    state: Mapping[str, torch.Tensor], config: PeftConfig, directory: Path
+) -> list[Path]:
+    """Write the two PEFT files into an existing directory and flush them to disk."""
+    config.save_pretrained(str(directory))
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    paths = [directory / CONFIG_FILE, directory / WEIGHTS_FILE]
+    for path in paths:
+        with path.open("rb") as f:
+            os.fsync(f.fileno())
+    return paths
 
 
 def load_adapter(directory: Path) -> tuple[AdapterState, LoraConfig]:
@@ -110,7 +119,8 @@ def load_adapter(directory: Path) -> tuple[AdapterState, LoraConfig]:
     return state, config
 
 
-def _replace_dir(new: Path, target: Path) -> None:
+def replace_dir(new: Path, target: Path) -> None:
+    """Put directory `new` at `target`, replacing what was there, by renames only."""
     if not target.exists():
         os.replace(new, target)
         return

@@ -1,8 +1,8 @@
 """The Flower ServerApp (`[tool.flwr.app.components] serverapp`): glue only.
 
 Waits (with a time limit) for enough sites, runs the configured strategy from the shared
-initial adapter, saves the global adapter after every round and writes the per-round
-metrics. Checkpoint manifests, resume and the report arrive with the rest of issue #3.
+initial adapter, and after every round writes a verified checkpoint (adapter in PEFT layout,
+run state, sha256 manifest) and a metrics line. Resume arrives with the rest of issue #3.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from common.adapter import get_adapter_state, save_adapter
 from common.config import load_config
 from common.model import build_model
 from common.wire import from_record, to_record
+from server.checkpoint import write_checkpoint
 from server.strategy import build_strategy
 
 # A child of Flower's logger, so that progress lines reach the stream `flwr run` shows.
@@ -42,14 +43,22 @@ def main(grid: Grid, context: Context) -> None:
     strategy = build_strategy(cfg.federation)
     started = time.monotonic()
     metrics_path = run_dir / "metrics.jsonl"
+    history: list[dict[str, object]] = []
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round > 0:
-            save_adapter(from_record(arrays), peft_config, run_dir / f"round-{server_round}")
             seconds = time.monotonic() - started
             train, evaluate = strategy.last_train, strategy.last_evaluate
             row = {"round": server_round, "seconds": seconds, "train": train, "evaluate": evaluate}
+            history.append(row)
             append_metrics(metrics_path, row)
+            state = {
+                "config-digest": cfg.digest(),
+                "config": cfg.flat(),
+                "metrics": history,
+                "seeds": {"train": cfg.train.seed, "lora-init": cfg.lora.init_seed},
+            }
+            write_checkpoint(run_dir, server_round, from_record(arrays), peft_config, state)
             log.info(progress_line(server_round, cfg.federation.rounds, train, evaluate, seconds))
         return None
 

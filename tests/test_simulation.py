@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from server.checkpoint import latest_checkpoint, read_checkpoint
 from simulations.run import run_simulation
 from simulations.synth import write_federation
 
@@ -24,8 +25,11 @@ def test_two_sites_two_rounds_write_the_run_directory(tiny_bert_dir: Path, tmp_p
     )
     out = run_simulation(override, sites=2, out=tmp_path / "run")
     run_dir = out
-    for name in ("round-1", "round-2", "adapter"):
-        assert (run_dir / name / "adapter_model.safetensors").is_file(), name
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    latest = latest_checkpoint(run_dir)
+    assert latest is not None and latest.name == "round-0002"
+    checkpoint = read_checkpoint(latest)  # verifies the sha256 manifest
+    assert checkpoint.round == 2 and len(checkpoint.state["metrics"]) == 2
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
     assert all(r["train"]["bytes-up"] > 0 and "f1" in r["evaluate"] for r in rows)

@@ -1,0 +1,132 @@
+"""Checkpoints: the global adapter after a round, in PEFT layout, with the run state and a
+sha256 manifest. Written atomically (complete or absent); a checkpoint whose files do not
+match its manifest is refused, never loaded.
+
+    RUN_DIR/checkpoints/round-0003/
+        adapter_config.json  adapter_model.safetensors  state.json  MANIFEST.json
+    RUN_DIR/checkpoints/LATEST          name of the newest complete checkpoint
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftConfig
+
+from common.adapter import AdapterState, load_adapter, replace_dir, write_adapter_files
+
+MANIFEST = "MANIFEST.json"
+STATE = "state.json"
+LATEST = "LATEST"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or altered; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What a checkpoint holds."""
+
+    round: int
+    adapter: AdapterState
+    peft_config: PeftConfig
+    state: dict[str, Any]
+    """Run state: config digest, metrics so far, seeds, server optimiser state."""
+
+
+def write_checkpoint(
+    run_dir: Path,
+    server_round: int,
+    adapter: Mapping[str, torch.Tensor],
+    peft_config: PeftConfig,
+    state: Mapping[str, Any],
+) -> Path:
+    """Write round `server_round`'s checkpoint and point LATEST at it; returns its path."""
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"round-{server_round:04d}"
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+    try:
+        files = write_adapter_files(adapter, peft_config, staging)
+        state_path = staging / STATE
+        _write_synced(state_path, json.dumps({"round": server_round, **state}, indent=2))
+        files.append(state_path)
+        manifest = {p.name: _sha256(p) for p in files}
+        _write_synced(staging / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
+        replace_dir(staging, root / name)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    pointer = root / f".{LATEST}.tmp"
+    _write_synced(pointer, name)
+    os.replace(pointer, root / LATEST)
+    return root / name
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None when it has none."""
+    pointer = run_dir / "checkpoints" / LATEST
+    if not pointer.is_file():
+        return None
+    path = pointer.parent / pointer.read_text().strip()
+    if not path.is_dir():
+        raise CheckpointError(f"{pointer} names {path.name}, which does not exist")
+    return path
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    """Load a checkpoint after checking every file against its manifest."""
+    verify_checkpoint(path)
+    adapter, peft_config = load_adapter(path)
+    state = json.loads((path / STATE).read_text())
+    return Checkpoint(
+        round=int(state["round"]), adapter=adapter, peft_config=peft_config, state=state
+    )
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Raise CheckpointError unless the files are exactly those listed, with those hashes."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{manifest_path} missing: incomplete or not a checkpoint")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{manifest_path} is not valid JSON: altered or damaged") from e
+    present = {p.name for p in path.iterdir()} - {MANIFEST}
+    if present != set(manifest):
+        raise CheckpointError(
+            f"{path}: files {sorted(present ^ set(manifest))} differ from the manifest; "
+            "the checkpoint was altered and will not be loaded"
+        )
+    for name, digest in manifest.items():
+        if _sha256(path / name) != digest:
+            raise CheckpointError(
+                f"{path / name}: sha256 does not match the manifest; the checkpoint was "
+                "altered or damaged and will not be loaded"
+            )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with path.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
