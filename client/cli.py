@@ -128,7 +128,7 @@ def _train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from client.dataset import load_eval_file, load_site
-    from client.train import evaluate, steps_per_call, train_local
+    from client.train import evaluate, schedule_over, train_local
     from common.adapter import get_adapter_state, save_adapter
     from common.model import build_model, set_threads
 
@@ -140,12 +140,7 @@ def _train(args: argparse.Namespace) -> int:
     site = load_site(args.data, cfg)
     if len(site.val) == 0:
         raise ValueError("data.val-fraction leaves no validation records; raise it")
-    one_epoch = cfg.model_copy(update={"train": cfg.train.model_copy(update={"local_epochs": 1})})
-    per_epoch = steps_per_call(len(site.train), one_epoch.train)
-    schedule = cfg.train.schedule_steps or per_epoch * epochs
-    run_cfg = one_epoch.model_copy(
-        update={"train": one_epoch.train.model_copy(update={"schedule_steps": schedule})}
-    )
+    run_cfg, per_epoch = schedule_over(cfg, len(site.train), epochs, local_epochs=1)
     print(
         f"{args.data.name}: {len(site.train)} train, {len(site.val)} validation, "
         f"{len(site.test)} test records; {epochs} epochs of {per_epoch} steps on "

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from client.dataset import load_site
-from client.train import evaluate, steps_per_call, train_local
+from client.train import evaluate, schedule_over, train_local
 from common.adapter import AdapterState, get_adapter_state, set_adapter_state
 from common.config import FedtuneConfig
 from common.model import build_model, set_threads
@@ -49,11 +49,7 @@ def train_round(
     site = load_site(data_path, cfg)
     model = build_model(cfg)
     set_adapter_state(model, global_adapter)
-    per_round = steps_per_call(len(site.train), cfg.train)
-    schedule = cfg.train.schedule_steps or per_round * cfg.federation.rounds
-    round_cfg = cfg.model_copy(
-        update={"train": cfg.train.model_copy(update={"schedule_steps": schedule})}
-    )
+    round_cfg, per_round = schedule_over(cfg, len(site.train), cfg.federation.rounds)
     result = train_local(
         model,
         site.train,

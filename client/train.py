@@ -53,6 +53,22 @@ def steps_per_call(num_examples: int, settings: TrainSettings) -> int:
     return math.ceil(batches / settings.grad_accum_steps) * settings.local_epochs
 
 
+def schedule_over(
+    cfg: FedtuneConfig, num_examples: int, calls: int, **train: object
+) -> tuple[FedtuneConfig, int]:
+    """Settings for one of `calls` training calls that share one learning-rate schedule
+    (epochs of local training, or federated rounds), and the steps each call takes.
+
+    `train` overrides training keys first (for example local_epochs=1). The schedule lasts
+    `train.schedule-steps` or, when 0, calls x steps per call.
+    """
+    settings = cfg.train.model_copy(update=train)
+    per_call = steps_per_call(num_examples, settings)
+    schedule = settings.schedule_steps or per_call * calls
+    settings = settings.model_copy(update={"schedule_steps": schedule})
+    return cfg.model_copy(update={"train": settings}), per_call
+
+
 def train_local(
     model: PeftModel,
     data: Tokenized,
