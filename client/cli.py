@@ -14,8 +14,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from client.records import DataError, Row, read_rows, string_fields, validate_rows
 from common.config import ConfigError, FedtuneConfig, load_config
+from common.records import DataError, Row, read_rows, string_fields, validate_rows
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_IDENTIFIERS = 0, 1, 2, 3
 
@@ -127,9 +127,10 @@ def _check(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from client.dataset import load_eval_file, load_site
-    from client.train import evaluate, schedule_over, train_local
+    from client.dataset import load_site
+    from client.train import schedule_over, train_local
     from common.adapter import get_adapter_state, save_adapter
+    from common.evaluation import evaluate, load_eval_file
     from common.model import build_model, set_threads
 
     cfg = _config(args)

@@ -9,11 +9,11 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-from client.batches import Tokenized, tokenize
-from client.records import Record, TextRecord, load_records
 from client.split import split_records
+from common.batches import Tokenized, tokenize
 from common.config import FedtuneConfig
 from common.model import load_tokenizer, resolve_model_path
+from common.records import Record, TextRecord, load_records
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +50,6 @@ def load_site(path: Path, cfg: FedtuneConfig) -> SiteData:
             len(site.test),
         )
     return _CACHE[key]
-
-
-def load_eval_file(path: Path, cfg: FedtuneConfig) -> Tokenized:
-    """Tokenise a whole file as one evaluation split (for example a held-out test file)."""
-    records = load_records(Path(path), cfg.model, cfg.data)
-    return tokenize(records, _tokenizer(cfg), cfg.data.max_length)
 
 
 def _tokenizer(cfg: FedtuneConfig) -> PreTrainedTokenizerBase:

@@ -11,9 +11,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from client.dataset import load_site
-from client.train import evaluate, schedule_over, train_local
+from client.train import schedule_over, train_local
 from common.adapter import AdapterState, get_adapter_state, set_adapter_state
 from common.config import FedtuneConfig
+from common.evaluation import evaluate
 from common.model import build_model, set_threads
 
 Metrics = dict[str, int | float]

@@ -9,7 +9,7 @@ from typing import Generic, TypeVar
 
 import numpy as np
 
-from client.records import Record, TextRecord
+from common.records import Record, TextRecord
 
 R = TypeVar("R", bound=Record)
 

@@ -1,4 +1,4 @@
-"""Local training and evaluation of the LoRA model on a site's tokenised records."""
+"""Local training of the LoRA model on a site's tokenised records."""
 
 from __future__ import annotations
 
@@ -10,13 +10,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from peft import PeftModel
 
-from client.batches import IGNORE, Tokenized, iter_batches
+from common.batches import Tokenized, iter_batches
 from common.config import FedtuneConfig, TrainSettings
-from common.metrics import classification_metrics, lm_metrics
-from common.model import autocast_dtype
+from common.evaluation import batch_loss
+from common.model import autocast, autocast_dtype
 
 StepCallback = Callable[[int, float], None]
 
@@ -109,8 +108,8 @@ def train_local(
             step_loss = 0.0
             for _ in range(settings.grad_accum_steps):
                 batch = {k: v.to(device, non_blocking=True) for k, v in next(stream).items()}
-                with _autocast(device, amp):
-                    loss = _loss(model, batch, task, reduction="mean")
+                with autocast(device, amp):
+                    loss = batch_loss(model, batch, task, reduction="mean")
                 objective = loss
                 if anchor:
                     objective = loss + 0.5 * proximal_mu * _drift(trainable, anchor)
@@ -133,52 +132,6 @@ def train_local(
         tokens=tokens,
         padded_tokens=padded,
         seconds=time.perf_counter() - started,
-    )
-
-
-@torch.inference_mode()
-def evaluate(model: PeftModel, data: Tokenized, cfg: FedtuneConfig) -> dict[str, float]:
-    """Metrics on a split: classification scores and loss, or causal-LM loss and perplexity."""
-    if len(data) == 0:
-        raise ValueError("no records to evaluate: the split is empty")
-    device = next(model.parameters()).device
-    amp = autocast_dtype(cfg.model, device)
-    model.eval()
-    loss_sum, counted = 0.0, 0
-    probs, labels = [], []
-    for batch in iter_batches(data, cfg.train.batch_size * 2, shuffle=False):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with _autocast(device, amp):
-            if cfg.model.task == "classification":
-                logits = model(
-                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                ).logits.float()
-                loss_sum += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
-                counted += len(logits)
-                probs.append(torch.softmax(logits, dim=-1).cpu().numpy())
-                labels.append(batch["labels"].cpu().numpy())
-            else:
-                loss_sum += _loss(model, batch, "causal-lm", reduction="sum").item()
-                counted += int((batch["labels"][:, 1:] != IGNORE).sum())
-    if cfg.model.task != "classification":
-        return lm_metrics(loss_sum, counted)
-    metrics = classification_metrics(np.concatenate(labels), np.concatenate(probs))
-    return {**metrics, "loss": loss_sum / counted}
-
-
-def _loss(
-    model: PeftModel, batch: dict[str, torch.Tensor], task: str, reduction: str
-) -> torch.Tensor:
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    if task == "classification":
-        return F.cross_entropy(logits.float(), batch["labels"], reduction=reduction)
-    # Next-token prediction: position t predicts token t+1; prompt and padding are IGNORE.
-    shifted = logits[:, :-1].float()
-    return F.cross_entropy(
-        shifted.reshape(-1, shifted.shape[-1]),
-        batch["labels"][:, 1:].reshape(-1),
-        ignore_index=IGNORE,
-        reduction=reduction,
     )
 
 
@@ -209,10 +162,6 @@ def _batch_stream(
         seed = int(np.random.SeedSequence([settings.seed, start_step, epoch]).generate_state(1)[0])
         yield from iter_batches(data, settings.batch_size, shuffle=True, seed=seed)
         epoch += 1
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
-    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
 @contextmanager

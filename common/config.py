@@ -195,8 +195,24 @@ class FederationSettings(_Section):
     server_momentum: float = Field(0.9, ge=0, lt=1)
     """Server momentum of fedavgm."""
 
+    connect_timeout: float = Field(300.0, gt=0)
+    """Seconds the coordinator waits at the start for federation.min-sites sites to connect
+    before it fails with a clear message."""
+
+    evaluate_every: int = Field(1, ge=0)
+    """Federated evaluation (each site scores the global adapter on its validation split)
+    every N rounds, and always after the last; 0 turns it off."""
+
+    eval_file: str = ""
+    """Server-held labelled file for central evaluation of the global adapter after every
+    round (absolute path); empty: no central evaluation."""
+
     run_dir: str = "runs"
     """Directory under which the coordinator writes each run's metrics and adapters."""
+
+    resume: str = ""
+    """Run directory of an interrupted run to continue from its last good checkpoint; the
+    run's settings must be unchanged. Empty: start a new run."""
 
 
 class SimulationSettings(_Section):
@@ -205,6 +221,19 @@ class SimulationSettings(_Section):
     data_dir: str = "data/federation"
     """Directory of a synthetic federation (`fedtune-sim data`); simulated site k (partition
     id k) trains on DATA_DIR/site-(k+1)/train.jsonl."""
+
+    num_sites: int = Field(3, ge=1, le=100_000)
+    """Simulated sites (`fedtune-sim run`), and sites of the synthetic federation it makes."""
+
+    data_seed: int = Field(0, ge=0)
+    """Seed of the synthetic federation, when `fedtune-sim run` has to make it."""
+
+    heterogeneity: float = Field(1.0, ge=0, le=5)
+    """How much the synthetic sites differ in case mix, prevalence and size: 0 makes them
+    alike (IID), 1 is the default spread, larger values are more non-IID."""
+
+    records_per_site: int = Field(0, ge=0)
+    """Mean training records per synthetic site; 0 uses the generator's default (575)."""
 
 
 class FedtuneConfig(_Section):
@@ -232,8 +261,16 @@ class FedtuneConfig(_Section):
         return flatten(self.model_dump(by_alias=True))
 
     def digest(self) -> str:
-        """sha256 of the settings, stable across processes (for checkpoints and run records)."""
-        return hashlib.sha256(json.dumps(self.flat(), sort_keys=True).encode()).hexdigest()
+        """sha256 of the settings that shape a run's result, stable across processes.
+
+        Where the run is written and which run it resumes do not change its result, so a
+        resumed run has the digest of the run it continues.
+        """
+        flat = {k: v for k, v in self.flat().items() if k not in _DIGEST_EXEMPT}
+        return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()
+
+
+_DIGEST_EXEMPT = ("federation.resume", "federation.run-dir", "federation.connect-timeout")
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -89,6 +89,11 @@ def autocast_dtype(settings: ModelSettings, device: torch.device) -> torch.dtype
     return torch.bfloat16 if settings.precision == "auto" and native else None
 
 
+def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
+    """An autocast context for `dtype` on `device`; a no-op when dtype is None."""
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
 @cache
 def native_bf16(device: torch.device) -> bool:
     """Whether this device computes bf16 matmuls in hardware."""

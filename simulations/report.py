@@ -10,10 +10,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.dataset import load_eval_file
-from client.train import evaluate
 from common.adapter import load_adapter, set_adapter_state
 from common.config import FedtuneConfig
+from common.evaluation import evaluate, load_eval_file
 from common.model import build_model, set_threads
 
 COLUMNS = ("f1", "auroc", "accuracy", "precision", "recall")

@@ -10,11 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from client.batches import IGNORE, batch_order, collate, tokenize
-from client.records import DataError, InstructRecord, TextRecord, load_records
 from client.split import split_records
+from common.batches import IGNORE, batch_order, collate, tokenize
 from common.config import load_config
 from common.model import load_tokenizer
+from common.records import DataError, InstructRecord, TextRecord, load_records
 
 SECRET = "Canary Zebediah Quackenbush"  # stands in for patient text; must never be echoed
 CLS = load_config()

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from client.batches import tokenize
-from client.records import load_records
-from client.train import evaluate, lr_at, steps_per_call, train_local
+from client.train import lr_at, steps_per_call, train_local
 from common.adapter import get_adapter_state
+from common.batches import tokenize
 from common.config import FedtuneConfig, load_config
+from common.evaluation import evaluate
 from common.model import build_model, load_tokenizer, resolve_model_path
+from common.records import load_records
 
 
 def _config(model_dir: Path, task: str = "classification", **keys: object) -> FedtuneConfig:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from client.records import InstructRecord, Record, TextRecord
+from common.records import InstructRecord, Record, TextRecord
 
 IGNORE = -100  # label of tokens that carry no loss (prompt and padding)
 MEGABATCH = 32  # batches per length-sorted group: enough to pair similar lengths, still random
