@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from simulations.synth import write_federation
+from simulations.synth import MAX_HETEROGENEITY, write_federation
 
 
 def _at_least(minimum: int) -> Callable[[str], int]:
@@ -21,6 +21,21 @@ def _at_least(minimum: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _between(low: float, high: float) -> Callable[[str], float]:
+    """An argparse type: a number from low to high."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high}, got {text}")
         return value
 
     return parse
@@ -51,6 +66,13 @@ def _parser() -> argparse.ArgumentParser:
         type=_at_least(1),
         default=200,
         help="held-out test records per site (default 200)",
+    )
+    data.add_argument(
+        "--heterogeneity",
+        type=_between(0, MAX_HETEROGENEITY),
+        default=1.0,
+        help="how much sites differ in case mix, prevalence, size and note style: 0 makes "
+        "them alike (IID), 1 is the default spread, larger is more non-IID (default 1)",
     )
     run = sub.add_parser(
         "run",
@@ -96,6 +118,7 @@ def _data(args: argparse.Namespace) -> int:
             seed=args.seed,
             records_per_site=args.records,
             test_records=args.test_records,
+            heterogeneity=args.heterogeneity,
         )
     except ValueError as e:
         print(f"fedtune-sim data: error: {e}", file=sys.stderr)

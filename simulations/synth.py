@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from itertools import accumulate
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
@@ -38,11 +38,23 @@ from simulations.vocabulary import (
 )
 
 logger = logging.getLogger(__name__)
+Spread = TypeVar("Spread", float, np.ndarray)
 
 AGE_BANDS = ((18, 44, "18-44"), (45, 64, "45-64"), (65, 74, "65-74"), (75, 84, "75-84"))
 OLDEST_AGE_BAND = "85+"
 MAX_AGE = 89  # older ages are identifiers under HIPAA safe harbor; never write one
 DEFAULT_MEAN_RECORDS = 575
+MAX_HETEROGENEITY = 5.0
+# Where heterogeneity 0 puts every site: the centres of the default spreads below.
+IID_PREVALENCE = 0.325
+IID_MEAN_AGE = 67.0
+IID_AGE_SD = 13.5
+IID_FEMALE_FRACTION = 0.51
+IID_NO_FOLLOW_UP_RATE = 0.215
+# Bounds that keep strongly non-IID sites plausible (and never bind at heterogeneity 1).
+PREVALENCE_RANGE = (0.08, 0.6)
+MIN_RELATIVE_SIZE = 0.15
+MAX_DOMINANT_STYLE_SHARE = 0.9
 
 # The true risk model. logit = intercept + site shift + sum of the terms below; numeric terms
 # are per unit of the named quantity, hinge terms count only beyond the named threshold.
@@ -113,8 +125,11 @@ class SiteProfile:
 
     @property
     def dominant_style(self) -> str:
-        """The site's most frequent note style."""
-        return STYLES[int(np.argmax(self.style_weights))]
+        """The site's most frequent note style; `mixed` when no one style leads."""
+        top = max(self.style_weights)
+        if self.style_weights.count(top) > 1:
+            return "mixed"
+        return STYLES[self.style_weights.index(top)]
 
 
 @dataclass(frozen=True)
@@ -153,11 +168,13 @@ class FederationSummary:
     out_dir: Path
     seed: int
     sites: tuple[SiteSummary, ...]
+    heterogeneity: float = 1.0
 
     def to_json(self) -> dict[str, Any]:
         """The federation.json payload: numbers and names only, never record text."""
         return {
             "seed": self.seed,
+            "heterogeneity": self.heterogeneity,
             "num_sites": len(self.sites),
             "risk_model": dict(RISK_MODEL),
             "sites": [vars(site) for site in self.sites],
@@ -301,6 +318,15 @@ def _spread(rng: np.random.Generator, low: float, high: float, n: int) -> np.nda
     return rng.permutation(np.linspace(low, high, n))
 
 
+def _toward(value: Spread, centre: float, h: float) -> Spread:
+    """Move a default-spread value to `centre` (h=0), keep it (h=1) or push it past (h>1).
+
+    Written as h*value + (1-h)*centre, which is exactly `value` at h=1 and exactly `centre`
+    at h=0, so the default federation stays byte for byte what it always was.
+    """
+    return h * value + (1 - h) * centre
+
+
 def _solve_shift(profile: SiteProfile, rng: np.random.Generator, samples: int = 2000) -> float:
     """Intercept shift that makes the site's mean risk equal its target prevalence."""
     logits = np.array([risk_logit(sample_patient(profile, rng)) for _ in range(samples)])
@@ -315,9 +341,20 @@ def _solve_shift(profile: SiteProfile, rng: np.random.Generator, samples: int = 
 
 
 def site_profiles(
-    num_sites: int, seed: int = 0, records_per_site: int | None = None, test_records: int = 200
+    num_sites: int,
+    seed: int = 0,
+    records_per_site: int | None = None,
+    test_records: int = 200,
+    heterogeneity: float = 1.0,
 ) -> list[SiteProfile]:
-    """Draw heterogeneous sites: case mix, prevalence 0.20-0.45, size, dominant note style."""
+    """Draw sites that differ in case mix, prevalence, size and dominant note style.
+
+    heterogeneity scales how much they differ: 0 makes every site alike (IID: same case mix,
+    prevalence, size and style weights; only the patients drawn differ), 1 is the default
+    spread (prevalence 0.20-0.45, sizes 45-155% of the mean), larger values spread case mix,
+    prevalence (within 0.08-0.6) and size (each site keeping at least 15% of the mean) further
+    and make each site's dominant note style more dominant.
+    """
     if num_sites < 1:
         raise ValueError(f"num_sites must be at least 1, got {num_sites}")
     if seed < 0:
@@ -326,39 +363,54 @@ def site_profiles(
         raise ValueError(f"records_per_site must be at least 1, got {records_per_site}")
     if test_records < 1:
         raise ValueError(f"test_records must be at least 1, got {test_records}")
+    if not 0 <= heterogeneity <= MAX_HETEROGENEITY:
+        raise ValueError(
+            f"heterogeneity must be between 0 (IID) and {MAX_HETEROGENEITY}, got {heterogeneity}"
+        )
+    h = float(heterogeneity)
+    bounded = min(h, 1.0)  # bounded traits (age, sex, follow-up) spread no wider than at h=1
     mean_records = records_per_site or DEFAULT_MEAN_RECORDS
     rng = np.random.default_rng([seed, 0, 0])
-    sizes = _spread(rng, 0.45, 1.55, num_sites) * mean_records
-    prevalences = _spread(rng, 0.22, 0.43, num_sites)
+    relative = np.maximum(_toward(_spread(rng, 0.45, 1.55, num_sites), 1.0, h), MIN_RELATIVE_SIZE)
+    sizes = relative * mean_records
+    prevalences = _toward(_spread(rng, 0.22, 0.43, num_sites), IID_PREVALENCE, h)
     dominant = [STYLES[int(i) % len(STYLES)] for i in rng.permutation(num_sites)]
     base_reasons = np.array([r.weight for r in REASONS.values()])
     profiles = []
+    shifts: dict[SiteProfile, float] = {}
     for i in range(num_sites):
         site_rng = np.random.default_rng([seed, i + 1, 0])
-        reasons = base_reasons * np.exp(site_rng.normal(0, 0.7, len(base_reasons)))
-        share = float(site_rng.uniform(0.6, 0.8))
+        reasons = base_reasons * np.exp(h * site_rng.normal(0, 0.7, len(base_reasons)))
+        share = min(_toward(float(site_rng.uniform(0.6, 0.8)), 1 / 3, h), MAX_DOMINANT_STYLE_SHARE)
         styles = [share if s == dominant[i] else (1 - share) / 2 for s in STYLES]
-        jitter = float(site_rng.uniform(-0.015, 0.015))
+        jitter = h * float(site_rng.uniform(-0.015, 0.015))
+        mean_age = _toward(float(site_rng.uniform(58, 76)), IID_MEAN_AGE, bounded)
+        age_sd = _toward(float(site_rng.uniform(11, 16)), IID_AGE_SD, bounded)
+        female = _toward(float(site_rng.uniform(0.42, 0.6)), IID_FEMALE_FRACTION, bounded)
+        comorbidity_scale = np.exp(h * site_rng.normal(0, 0.35, len(COMORBIDITIES)))
+        prior_admission_rate = float(np.exp(h * site_rng.normal(0, 0.3)))
+        no_follow_up = _toward(float(site_rng.uniform(0.08, 0.35)), IID_NO_FOLLOW_UP_RATE, bounded)
         profile = SiteProfile(
             name=f"site-{i + 1}",
             index=i + 1,
             train_records=max(1, round(float(sizes[i]))),
             test_records=test_records,
-            mean_age=round(float(site_rng.uniform(58, 76)), 2),
-            age_sd=round(float(site_rng.uniform(11, 16)), 2),
-            female_fraction=round(float(site_rng.uniform(0.42, 0.6)), 3),
+            mean_age=round(float(mean_age), 2),
+            age_sd=round(float(age_sd), 2),
+            female_fraction=round(float(female), 3),
             reason_weights=tuple(round(float(w), 4) for w in reasons / reasons.sum()),
-            comorbidity_scale=tuple(
-                round(float(s), 3) for s in np.exp(site_rng.normal(0, 0.35, len(COMORBIDITIES)))
-            ),
-            prior_admission_rate=round(float(np.exp(site_rng.normal(0, 0.3))), 3),
-            no_follow_up_rate=round(float(site_rng.uniform(0.08, 0.35)), 3),
-            style_weights=tuple(round(w, 4) for w in styles),
-            target_prevalence=round(float(np.clip(prevalences[i] + jitter, 0.2, 0.45)), 4),
+            comorbidity_scale=tuple(round(float(s), 3) for s in comorbidity_scale),
+            prior_admission_rate=round(prior_admission_rate, 3),
+            no_follow_up_rate=round(float(no_follow_up), 3),
+            style_weights=tuple(round(float(w), 4) for w in styles),
+            target_prevalence=round(float(np.clip(prevalences[i] + jitter, *PREVALENCE_RANGE)), 4),
             intercept_shift=0.0,
         )
-        shift = _solve_shift(profile, np.random.default_rng([seed, i + 1, 1]))
-        profiles.append(replace(profile, intercept_shift=shift))
+        # Sites with the same case mix get the same shift, not one per Monte Carlo draw.
+        mix = replace(profile, name="", index=0, train_records=0, test_records=0)
+        if mix not in shifts:
+            shifts[mix] = _solve_shift(profile, np.random.default_rng([seed, i + 1, 1]))
+        profiles.append(replace(profile, intercept_shift=shifts[mix]))
     return profiles
 
 
@@ -443,13 +495,15 @@ def write_federation(
     seed: int = 0,
     records_per_site: int | None = None,
     test_records: int = 200,
+    heterogeneity: float = 1.0,
 ) -> FederationSummary:
     """Write OUT/site-N/{train,test,instruct-train,instruct-test}.jsonl and OUT/federation.json."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, "exists and is not a directory", str(out_dir))
     summaries = []
-    for profile in site_profiles(num_sites, seed, records_per_site, test_records):
+    profiles = site_profiles(num_sites, seed, records_per_site, test_records, heterogeneity)
+    for profile in profiles:
         data = generate_site(profile, seed)
         site_dir = out_dir / profile.name
         _write_atomic(site_dir / "train.jsonl", _jsonl(data.train))
@@ -467,6 +521,8 @@ def write_federation(
     )
     if stale:
         logger.warning("%s holds sites from an earlier run, left untouched: %s", out_dir, stale)
-    summary = FederationSummary(out_dir=out_dir, seed=seed, sites=tuple(summaries))
+    summary = FederationSummary(
+        out_dir=out_dir, seed=seed, sites=tuple(summaries), heterogeneity=float(heterogeneity)
+    )
     _write_atomic(out_dir / "federation.json", json.dumps(summary.to_json(), indent=2) + "\n")
     return summary

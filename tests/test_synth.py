@@ -96,6 +96,65 @@ def test_records_per_site_sets_the_mean_size() -> None:
     assert len(set(sizes)) == 5 and all(p.test_records == 7 for p in profiles)
 
 
+def _tv_spread(profiles: list[synth.SiteProfile]) -> float:
+    """Mean total-variation distance between the sites' admission-reason distributions."""
+    weights = [np.array(p.reason_weights) for p in profiles]
+    pairs = [(a, b) for i, a in enumerate(weights) for b in weights[i + 1 :]]
+    return float(np.mean([0.5 * np.abs(a - b).sum() for a, b in pairs]))
+
+
+def test_heterogeneity_one_is_todays_federation() -> None:
+    profiles = synth.site_profiles(3, seed=0, heterogeneity=1.0)
+    assert profiles == synth.site_profiles(3, seed=0)
+    # The numbers the generator gave before the knob existed; the record files follow from them.
+    assert [p.train_records for p in profiles] == [891, 259, 575]
+    assert [p.target_prevalence for p in profiles] == [0.4188, 0.3357, 0.2186]
+    assert [p.intercept_shift for p in profiles] == [0.9233, -0.0147, -0.9432]
+    assert [p.style_weights for p in profiles] == [
+        (0.1041, 0.1041, 0.7918),
+        (0.7749, 0.1126, 0.1126),
+        (0.1106, 0.7789, 0.1106),
+    ]
+
+
+def test_heterogeneity_zero_makes_sites_alike_but_not_their_patients(tmp_path: Path) -> None:
+    profiles = synth.site_profiles(4, seed=2, records_per_site=30, heterogeneity=0)
+    mixes = {replace(p, name="", index=0) for p in profiles}
+    assert len(mixes) == 1, "sites differ in more than name"
+    (mix,) = mixes
+    assert mix.train_records == 30 and mix.target_prevalence == synth.IID_PREVALENCE
+    assert len(set(mix.style_weights)) == 1 and profiles[0].dominant_style == "mixed"
+    synth.write_federation(tmp_path, 2, seed=2, records_per_site=30, heterogeneity=0)
+    assert json.loads((tmp_path / "federation.json").read_text())["heterogeneity"] == 0.0
+    site_1, site_2 = (read_jsonl(tmp_path / f"site-{i}" / "train.jsonl") for i in (1, 2))
+    assert len(site_1) == len(site_2) == 30 and site_1 != site_2
+
+
+def test_more_heterogeneity_spreads_sites_further() -> None:
+    levels = (0.5, 1.0, 2.5)
+    federations = {h: synth.site_profiles(4, seed=0, heterogeneity=h) for h in levels}
+    prevalence_spread = [np.ptp([p.target_prevalence for p in federations[h]]) for h in levels]
+    case_mix_spread = [_tv_spread(federations[h]) for h in levels]
+    size_spread = [np.ptp([p.train_records for p in federations[h]]) for h in levels]
+    dominant_share = [np.mean([max(p.style_weights) for p in federations[h]]) for h in levels]
+    for spread in (prevalence_spread, case_mix_spread, size_spread, dominant_share):
+        assert spread[0] < spread[1] < spread[2], spread
+    assert case_mix_spread[2] > 1.5 * case_mix_spread[1]
+    strong = federations[2.5]
+    low, high = synth.PREVALENCE_RANGE
+    assert all(low <= p.target_prevalence <= high for p in strong)
+    sizes = [p.train_records for p in strong]
+    assert min(sizes) >= round(synth.MIN_RELATIVE_SIZE * synth.DEFAULT_MEAN_RECORDS)
+    assert all(max(p.style_weights) <= synth.MAX_DOMINANT_STYLE_SHARE for p in strong)
+
+
+def test_strongly_non_iid_prevalence_is_what_the_sites_get() -> None:
+    profiles = synth.site_profiles(3, seed=0, heterogeneity=2.5)
+    for profile in profiles:
+        data = synth.generate_site(replace(profile, train_records=1500, test_records=1), seed=0)
+        assert np.mean(data.train_risk) == pytest.approx(profile.target_prevalence, abs=0.03)
+
+
 def test_risk_follows_the_documented_coefficients() -> None:
     m = synth.RISK_MODEL
     patient = notes.Patient(
@@ -212,11 +271,27 @@ def test_cli_errors_are_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFix
     assert 'unknown config key "lora.rnak"' in err and "Traceback" not in err
 
 
+def test_cli_sets_heterogeneity(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "iid"
+    argv = ["data", "--sites", "2", "--out", str(out), "--records", "20", "--test-records", "5"]
+    assert main([*argv, "--heterogeneity", "0"]) == 0
+    summary = json.loads((out / "federation.json").read_text())
+    assert summary["heterogeneity"] == 0.0
+    assert [s["train_records"] for s in summary["sites"]] == [20, 20]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--heterogeneity", "7"])
+    assert exit_info.value.code == 2
+    assert "--heterogeneity: must be from 0 to 5.0, got 7" in capsys.readouterr().err
+
+
 def test_write_federation_rejects_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="num_sites"):
         synth.write_federation(tmp_path, num_sites=0)
     with pytest.raises(ValueError, match="test_records"):
         synth.write_federation(tmp_path, num_sites=1, test_records=0)
+    with pytest.raises(ValueError, match="heterogeneity must be between 0"):
+        synth.write_federation(tmp_path, num_sites=1, heterogeneity=-0.5)
     assert not any(tmp_path.iterdir())
 
 
