@@ -1,4 +1,5 @@
-"""fedtune-sim: synthetic federations (`fedtune-sim data --sites 3 --out data/synth`)."""
+"""fedtune-sim: synthetic federations (`fedtune-sim data --sites 3 --out data/synth`), runs and
+baselines (`fedtune-sim baseline --mode both`)."""
 
 from __future__ import annotations
 
@@ -94,7 +95,75 @@ def _parser() -> argparse.ArgumentParser:
         default=0,
         help="seed of the synthetic federation, if it has to be made (default 0)",
     )
+    _add_baseline(sub)
     return parser
+
+
+def _add_baseline(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    baseline = sub.add_parser(
+        "baseline",
+        help="train the local-only and centralised baselines a federation is compared with",
+        description="Train each site alone (local) and one model on all sites' records pooled "
+        "(centralized), with the federation's budget of passes over every record, and score "
+        "them on every site's test file. Results go to OUT/baseline-MODE.json, where "
+        "`fedtune-sim run` with the same --out, settings and data finds them.",
+    )
+    baseline.add_argument(
+        "--mode",
+        choices=("centralized", "local", "both"),
+        required=True,
+        help="which baseline to train",
+    )
+    baseline.add_argument("--config", type=Path, help="TOML file overriding the default settings")
+    baseline.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/sim"),
+        help="where to write baseline-MODE.json (default runs/sim, as fedtune-sim run)",
+    )
+    baseline.add_argument(
+        "--force",
+        action="store_true",
+        help="train again even when OUT holds a baseline of the same settings and data",
+    )
+
+
+def _baseline(args: argparse.Namespace) -> int:
+    from common.config import ConfigError, load_config
+    from simulations.baseline import MODES, load_baseline, run_baseline
+    from simulations.report import APPROACHES, table
+    from simulations.run import SimulationError, _absolute, _pyproject_config
+
+    modes = MODES if args.mode == "both" else (args.mode,)
+    results = {}
+    try:
+        cfg = load_config(_pyproject_config(), args.config)
+        data_dir = _absolute(cfg.simulation.data_dir)
+        if not (data_dir / "federation.json").is_file():
+            sim = cfg.simulation
+            print(
+                f"fedtune-sim baseline: error: no federation at {data_dir}; make it with "
+                f"`fedtune-sim data --sites {sim.num_sites} --seed {sim.data_seed} --out "
+                f"{data_dir}` (or point simulation.data-dir at one)",
+                file=sys.stderr,
+            )
+            return 1
+        for mode in modes:
+            scores = None if args.force else load_baseline(args.out, cfg, data_dir, mode)
+            if scores is not None:
+                print(f"{mode}: reusing {args.out / f'baseline-{mode}.json'} (same settings, data)")
+            else:
+                path = run_baseline(mode, cfg, data_dir, args.out, progress=print)
+                scores = load_baseline(path, cfg, data_dir, mode)
+                print(f"{mode}: wrote {path}")
+            results[mode] = scores
+    except (ConfigError, SimulationError, ValueError, OSError) as e:
+        print(f"fedtune-sim baseline: error: {e}", file=sys.stderr)
+        return 1
+    for mode, scores in results.items():
+        print(f"\n{APPROACHES[mode]} baseline on each site's held-out test file:")
+        print("\n".join(table(scores or [])))
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -141,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of fedtune-sim."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "baseline":
+        return _baseline(args)
     return _data(args) if args.command == "data" else _run(args)
 
 

@@ -1,4 +1,5 @@
-"""A simulated run's final table: the global adapter scored on every site's held-out test file.
+"""A simulated run's report: the global adapter against the baselines at every site, and plots
+of the run's rounds from its metrics.jsonl.
 
 Only a researcher's simulation can do this: the synthetic sites' files are on this machine.
 """
@@ -6,16 +7,26 @@ Only a researcher's simulation can do this: the synthetic sites' files are on th
 from __future__ import annotations
 
 import json
+import logging
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from common.adapter import load_adapter, set_adapter_state
 from common.config import FedtuneConfig
 from common.evaluation import evaluate, load_eval_file
 from common.model import build_model, set_threads
 
+log = logging.getLogger(__name__)
+
 COLUMNS = ("f1", "auroc", "accuracy", "precision", "recall")
+APPROACHES = {"local": "local only", "centralized": "centralised"}
+"""Baseline modes (as in `fedtune-sim baseline --mode`) and their names in tables."""
+LABELS = {"f1": "F1", "auroc": "AUROC", "loss": "loss", "perplexity": "perplexity"}
+NOT_RUN = "not run"
+Round = dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -40,52 +51,280 @@ def score_sites(adapter_dir: Path, cfg: FedtuneConfig, data_dir: Path) -> list[S
     return scores
 
 
-def pooled(scores: list[SiteScore]) -> dict[str, float]:
-    """Record-weighted mean of each metric over the sites."""
+def pooled(scores: Sequence[SiteScore], columns: Sequence[str] = COLUMNS) -> dict[str, float]:
+    """Record-weighted mean of each metric over the sites (left out where a site has none)."""
     total = sum(s.records for s in scores)
     return {
         name: sum(s.metrics[name] * s.records for s in scores) / total
-        for name in COLUMNS
-        if all(not math.isnan(s.metrics[name]) for s in scores)
+        for name in columns
+        if total and all(not math.isnan(s.metrics.get(name, math.nan)) for s in scores)
     }
 
 
-def table(scores: list[SiteScore]) -> list[str]:
-    """The per-site table as markdown lines, with a record-weighted mean row."""
-    head = "| site | test records | " + " | ".join(COLUMNS) + " |"
-    lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
+def table(scores: Sequence[SiteScore]) -> list[str]:
+    """One adapter's per-site table as markdown lines, with a record-weighted mean row."""
+    columns = [c for c in (*COLUMNS, "loss", "perplexity") if any(c in s.metrics for s in scores)]
+    columns = [c for c in columns if c in COLUMNS] or columns
+    lines = [
+        "| site | test records | " + " | ".join(columns) + " |",
+        "|" + "---|" * (len(columns) + 2),
+    ]
     for s in scores:
-        cells = " | ".join(f"{s.metrics[c]:.3f}" for c in COLUMNS)
+        cells = " | ".join(_cell(s.metrics.get(c)) for c in columns)
         lines.append(f"| {s.site} | {s.records} | {cells} |")
-    mean = pooled(scores)
-    cells = " | ".join(f"{mean[c]:.3f}" if c in mean else "n/a" for c in COLUMNS)
+    mean = pooled(scores, columns)
+    cells = " | ".join(_cell(mean.get(c)) for c in columns)
     lines.append(f"| **all (weighted)** | {sum(s.records for s in scores)} | {cells} |")
     return lines
 
 
-def write_report(run_dir: Path, scores: list[SiteScore], cfg: FedtuneConfig) -> Path:
-    """report.md: settings, per-round metrics and the per-site test table."""
-    rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def comparison(
+    federated: Sequence[SiteScore],
+    baselines: Mapping[str, Sequence[SiteScore] | None] | None = None,
+    command: str = "fedtune-sim baseline",
+) -> list[str]:
+    """Federated, local-only and centralised test results side by side per site, with a
+    record-weighted mean row, as markdown lines; a baseline not run says how to run it
+    (`command` plus `--mode MODE`)."""
+    baselines = baselines or {}
+    metrics = _headline(federated)
+    approaches: dict[str, Sequence[SiteScore] | None] = {"federated": federated}
+    approaches.update({APPROACHES[m]: baselines.get(m) for m in APPROACHES})
+    head = [f"{name} {LABELS[m]}" for name in approaches for m in metrics]
+    lines = [
+        "| site | test records | " + " | ".join(head) + " |",
+        "|" + "---|" * (len(head) + 2),
+    ]
+    for site in federated:
+        cells = []
+        for scores in approaches.values():
+            found = {s.site: s for s in scores or ()}.get(site.site)
+            for m in metrics:
+                cells.append(_cell(found.metrics.get(m)) if found else _absent(scores))
+        lines.append(f"| {site.site} | {site.records} | " + " | ".join(cells) + " |")
+    cells = []
+    for scores in approaches.values():
+        mean = pooled(scores, metrics) if scores else {}
+        cells += [_cell(mean.get(m)) if scores else NOT_RUN for m in metrics]
+    total = sum(s.records for s in federated)
+    lines.append(f"| **all (weighted)** | {total} | " + " | ".join(cells) + " |")
+    missing = [mode for mode, name in APPROACHES.items() if not approaches[name]]
+    if missing:
+        lines.append("")
+        lines += [
+            f"{APPROACHES[mode]}: not run with these settings and data; run "
+            f"`{command} --mode {mode}`"
+            for mode in missing
+        ]
+    return lines
+
+
+def read_rounds(run_dir: Path) -> list[Round]:
+    """The rows of RUN_DIR/metrics.jsonl by round; a resumed round's last row wins, and an
+    unreadable line (a crash mid-write) is skipped."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows: dict[int, Round] = {}
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            rows[int(row["round"])] = row
+        except (ValueError, KeyError, TypeError):
+            log.warning("%s:%d: not a round's metrics; skipped", path, number)
+    return [rows[r] for r in sorted(rows)]
+
+
+def plot_rounds(rounds: Sequence[Round], plots_dir: Path) -> dict[str, Path]:
+    """PNG plots of the rounds into `plots_dir`, by title: train loss, evaluation, traffic.
+    A plot with nothing to show is left out."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, no screen needed
+
+    plots_dir = Path(plots_dir)
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+
+    def save(fig: Figure, title: str, name: str) -> None:
+        fig.tight_layout()
+        path = plots_dir / name
+        fig.savefig(path, format="png", dpi=100)
+        written[title] = path
+
+    loss = _series(rounds, "train", "train-loss")
+    if loss:
+        fig = Figure(figsize=(6.4, 3.6))
+        ax = fig.subplots()
+        ax.plot(*zip(*loss, strict=True), marker="o", color="black", label="aggregated")
+        for node in sorted({n for r in rounds for n in r.get("sites") or {}}):
+            site_loss = _series(rounds, "sites", node, "train", "train-loss")
+            if site_loss:
+                ax.plot(
+                    *zip(*site_loss, strict=True), linewidth=0.8, alpha=0.6, label=f"node {node}"
+                )
+        _finish(ax, "Training loss", "train loss", legend=len(ax.lines) <= 11)
+        save(fig, "Train loss", "train-loss.png")
+
+    wanted = [
+        ("evaluate", "f1", "federated validation F1"),
+        ("evaluate", "auroc", "federated validation AUROC"),
+        ("central", "f1", "central evaluation F1"),
+    ]
+    curves = [(label, _series(rounds, part, key)) for part, key, label in wanted]
+    if not any(points for _, points in curves):  # a causal-LM run has losses, not F1
+        wanted = [("evaluate", "loss", "federated validation loss"), ("central", "loss", "central")]
+        curves = [(label, _series(rounds, part, key)) for part, key, label in wanted]
+    if any(points for _, points in curves):
+        fig = Figure(figsize=(6.4, 3.6))
+        ax = fig.subplots()
+        for label, points in curves:
+            if points:
+                style = "--" if label.startswith("central") else "-"
+                ax.plot(*zip(*points, strict=True), style, marker="o", label=label)
+        _finish(ax, "Evaluation of the global adapter", "metric", legend=True)
+        save(fig, "Evaluation", "evaluation.png")
+
+    up, down = _traffic(rounds, "bytes-up"), _traffic(rounds, "bytes-down")
+    if up or down:
+        fig = Figure(figsize=(6.4, 3.6))
+        ax = fig.subplots()
+        bars = ((up, -0.2, "up (sites to server)"), (down, 0.2, "down (server to sites)"))
+        for points, offset, label in bars:
+            if points:
+                ax.bar([x + offset for x, _ in points], [y for _, y in points], 0.4, label=label)
+        _finish(ax, "Adapter traffic", "MB per round", legend=True)
+        save(fig, "Traffic", "traffic.png")
+    return written
+
+
+def write_report(
+    run_dir: Path,
+    scores: Sequence[SiteScore],
+    cfg: FedtuneConfig,
+    baselines: Mapping[str, Sequence[SiteScore] | None] | None = None,
+    command: str = "fedtune-sim baseline",
+) -> Path:
+    """RUN_DIR/report.md: settings, the rounds, plots in RUN_DIR/plots/, and the per-site test
+    table of the federated adapter beside the baselines (`command` runs a missing one)."""
+    run_dir = Path(run_dir)
+    rounds = read_rounds(run_dir)
     lines = [
         f"# fedtune run {run_dir.name}",
         "",
         f"Strategy {cfg.federation.strategy}, {cfg.federation.rounds} rounds, model "
-        f"{cfg.model.path}, LoRA r={cfg.lora.rank} on {cfg.lora.target_modules}.",
+        f"{cfg.model.path}, LoRA r={cfg.lora.rank} on {cfg.lora.target_modules}. "
+        f"Settings digest `{cfg.digest()[:12]}`.",
+        "",
+        "## Test results at each site",
+        "",
+        "Each site's held-out test file: the federated global adapter, each site trained alone "
+        "on its own records (local only), and one adapter trained on all sites' records pooled "
+        "(centralised), with the same number of passes over every record.",
+        "",
+        *comparison(scores, baselines, command),
         "",
         "## Rounds",
         "",
-        "| round | sites | train loss | val F1 | val AUROC | MB up |",
-        "|---|---|---|---|---|---|",
+        *_rounds_table(rounds),
+        "",
     ]
-    for r in rounds:
-        train, ev = r["train"], r["evaluate"]
-        sites = int(train.get("sites", 0))
-        sent = train.get("bytes-up", 0) * sites / 1e6
-        lines.append(
-            f"| {r['round']} | {sites} | {train.get('train-loss', math.nan):.4f}"
-            f" | {ev.get('f1', math.nan):.3f} | {ev.get('auroc', math.nan):.3f} | {sent:.2f} |"
-        )
-    lines += ["", "## Global adapter on each site's held-out test file", "", *table(scores), ""]
+    plots = plot_rounds(rounds, run_dir / "plots") if rounds else {}
+    if plots:
+        lines += ["## Plots", ""]
+        for title, path in plots.items():
+            lines += [f"![{title}]({path.relative_to(run_dir).as_posix()})", ""]
     path = run_dir / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _rounds_table(rounds: Sequence[Round]) -> list[str]:
+    if not rounds:
+        return ["No rounds recorded (metrics.jsonl is missing or empty)."]
+    lines = [
+        "| round | sites ok/asked | dropped | train loss | val F1 | val AUROC | central F1 "
+        "| MB up | MB down | seconds |",
+        "|" + "---|" * 10,
+    ]
+    traffic = {
+        key: dict(_traffic(rounds, f"bytes-{key}")) for key in ("up", "down")
+    }  # in MB by round
+    for r in rounds:
+        train, ev, central = (r.get(k) or {} for k in ("train", "evaluate", "central"))
+        ok = r.get("sites-ok", train.get("sites"))
+        asked = r.get("sites-asked")
+        sites = f"{_count(ok)}/{_count(asked)}" if asked is not None else _count(ok)
+        dropped = r.get("dropped")
+        cells = [
+            str(r["round"]),
+            sites,
+            str(len(dropped)) if isinstance(dropped, list) else "n/a",
+            _cell(train.get("train-loss"), 4),
+            _cell(ev.get("f1")),
+            _cell(ev.get("auroc")),
+            _cell(central.get("f1")),
+            _cell(traffic["up"].get(r["round"]), 2),
+            _cell(traffic["down"].get(r["round"]), 2),
+            _cell(r.get("round-seconds"), 1),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _headline(scores: Sequence[SiteScore]) -> tuple[str, ...]:
+    """F1 and AUROC for classification; loss and perplexity for a causal-LM task."""
+    if scores and all("f1" in s.metrics for s in scores):
+        return ("f1", "auroc")
+    return ("loss", "perplexity")
+
+
+def _series(rounds: Sequence[Round], *keys: str) -> list[tuple[int, float]]:
+    """(round, value) of a nested key, for the rounds that have a finite number there."""
+    points = []
+    for r in rounds:
+        value: Any = r
+        for key in keys:
+            value = value.get(key) if isinstance(value, Mapping) else None
+        if isinstance(value, int | float) and math.isfinite(value):
+            points.append((int(r["round"]), float(value)))
+    return points
+
+
+def _traffic(rounds: Sequence[Round], key: str) -> list[tuple[int, float]]:
+    """MB moved per round: the round's total, or (older rows) the mean per site times sites."""
+    points = []
+    for r in rounds:
+        total = r.get(key)
+        train = r.get("train") or {}
+        if not isinstance(total, int | float) and key == "bytes-up":
+            per_site, sites = train.get("bytes-up"), train.get("sites")
+            if isinstance(per_site, int | float) and isinstance(sites, int | float):
+                total = per_site * sites
+        if isinstance(total, int | float) and math.isfinite(total):
+            points.append((int(r["round"]), total / 1e6))
+    return points
+
+
+def _finish(ax: Any, title: str, ylabel: str, legend: bool) -> None:
+    ax.set_title(title)
+    ax.set_xlabel("round")
+    ax.set_ylabel(ylabel)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(fontsize="small")
+
+
+def _cell(value: float | None, digits: int = 3) -> str:
+    if value is None or math.isnan(value):
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+def _absent(scores: Sequence[SiteScore] | None) -> str:
+    return NOT_RUN if not scores else "-"
+
+
+def _count(value: object) -> str:
+    return str(int(value)) if isinstance(value, int | float) else "?"

@@ -1,0 +1,271 @@
+"""What a federation is judged against: each site training alone, and all sites' records pooled.
+
+    fedtune-sim baseline --mode both [--config simulations/configs/NAME.toml] [--out runs/sim]
+
+Both start from the shared initial adapter and get the federation's budget: `federation.rounds`
+training calls on one learning-rate schedule spanning them, each of `steps_per_call` steps,
+exactly as a site trains across rounds, so every record is seen as often as in the federation.
+Results go to OUT/baseline-{mode}.json with a digest of the settings that shape them and the
+sha256 of DATA_DIR/federation.json; a later run with the same settings and data reuses them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from peft import PeftModel
+
+from client.dataset import load_site
+from client.train import TrainResult, schedule_over, train_local
+from common.adapter import get_adapter_state, save_adapter
+from common.batches import Tokenized
+from common.config import FedtuneConfig
+from common.evaluation import evaluate, load_eval_file
+from common.model import build_model, resolve_model_path, set_threads
+from simulations.report import SiteScore
+
+log = logging.getLogger(__name__)
+
+MODES = ("local", "centralized")
+Progress = Callable[[str], None]
+
+# train.num-threads changes speed, not results; simulation.* and federation.* other than the
+# round count do not touch a baseline (the data is identified by its hash instead).
+_SECTIONS = ("model.", "lora.", "data.", "train.")
+_EXEMPT = ("train.num-threads",)
+
+
+class BaselineError(ValueError):
+    """A baseline cannot be run or read; the message says why and what to do."""
+
+
+def baseline_settings(cfg: FedtuneConfig) -> dict[str, Any]:
+    """The settings a baseline's result depends on, as flat keys (model path made absolute)."""
+    flat = {
+        k: v
+        for k, v in cfg.flat().items()
+        if (k.startswith(_SECTIONS) and k not in _EXEMPT) or k == "federation.rounds"
+    }
+    flat["model.path"] = str(resolve_model_path(cfg.model.path))
+    return flat
+
+
+def baseline_digest(cfg: FedtuneConfig) -> str:
+    """sha256 of `baseline_settings`: the same for a run's config and the CLI's config."""
+    return hashlib.sha256(json.dumps(baseline_settings(cfg), sort_keys=True).encode()).hexdigest()
+
+
+def data_hash(data_dir: Path) -> str:
+    """sha256 of DATA_DIR/federation.json, which names every site and its sizes."""
+    return hashlib.sha256(_federation_file(data_dir).read_bytes()).hexdigest()
+
+
+def federation_sites(data_dir: Path) -> list[str]:
+    """Site names listed in DATA_DIR/federation.json, in order."""
+    path = _federation_file(data_dir)
+    try:
+        sites = [str(s["name"]) for s in json.loads(path.read_text())["sites"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise BaselineError(f"{path}: not a federation summary ({e}); remake it") from e
+    if not sites:
+        raise BaselineError(f"{path}: lists no sites; remake the federation")
+    return sites
+
+
+def baseline_path(out: Path, mode: str) -> Path:
+    """Where `run_baseline` writes the results of `mode`."""
+    _check_mode(mode)
+    return Path(out) / f"baseline-{mode}.json"
+
+
+def run_baseline(
+    mode: str,
+    cfg: FedtuneConfig,
+    data_dir: Path,
+    out: Path,
+    progress: Progress | None = None,
+) -> Path:
+    """Train and score the `mode` baseline; returns OUT/baseline-{mode}.json.
+
+    local: each site trains alone on its own train split and is scored on its own test.jsonl.
+    centralized: one adapter trains on the pooled train splits and is scored at every site.
+    Adapters are kept next to the results, in OUT/baseline-{mode}/NAME/ (PEFT layout).
+    """
+    _check_mode(mode)
+    say = progress or log.info
+    data_dir, out = Path(data_dir).resolve(), Path(out)
+    digest, data_sha = baseline_digest(cfg), data_hash(data_dir)
+    sites = federation_sites(data_dir)
+    for site in sites:
+        for name in ("train.jsonl", "test.jsonl"):
+            if not (data_dir / site / name).is_file():
+                raise BaselineError(
+                    f"{data_dir / site / name} missing; remake the federation with fedtune-sim data"
+                )
+    set_threads(cfg.train.num_threads)
+    started = time.perf_counter()
+    splits = {site: load_site(data_dir / site / "train.jsonl", cfg).train for site in sites}
+    adapters = out / f"baseline-{mode}"
+    trained: list[dict[str, Any]] = []
+    scores: list[SiteScore] = []
+    if mode == "local":
+        for site in sites:
+            say(f"local {site}: training on {len(splits[site])} records")
+            model, info = _train(cfg, splits[site], [site], adapters / site, say, f"local {site}")
+            trained.append(info)
+            scores.append(_score(model, cfg, data_dir, site, say, "local"))
+    else:
+        pool = pool_splits([splits[s] for s in sites])
+        # A fixed local-steps budget is per site: the federation takes it at every site, so
+        # the pooled model takes it once per site to see as many examples.
+        extra = {"local_steps": cfg.train.local_steps * len(sites)} if cfg.train.local_steps else {}
+        say(f"centralized: training on {len(pool)} pooled records of {len(sites)} sites")
+        model, info = _train(cfg, pool, sites, adapters / "pooled", say, "centralized", **extra)
+        trained.append(info)
+        scores = [_score(model, cfg, data_dir, site, say, "centralized") for site in sites]
+    result = {
+        "mode": mode,
+        "digest": digest,
+        "data-sha256": data_sha,
+        "data-dir": str(data_dir),
+        "settings": baseline_settings(cfg),
+        "seconds": round(time.perf_counter() - started, 3),
+        "trained": trained,
+        "sites": [
+            {"site": s.site, "records": s.records, "metrics": _json_metrics(s.metrics)}
+            for s in scores
+        ],
+    }
+    path = baseline_path(out, mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text(json.dumps(result, indent=2) + "\n")
+    staging.replace(path)  # a reader never sees half a file
+    return path
+
+
+def pool_splits(splits: list[Tokenized]) -> Tokenized:
+    """One split holding every record of `splits`, in order."""
+    if not splits:
+        raise BaselineError("no sites to pool")
+    pad_ids = {s.pad_id for s in splits}
+    if len(pad_ids) != 1:
+        raise BaselineError(f"sites were tokenised with different pad ids {sorted(pad_ids)}")
+    input_ids = [ids for s in splits for ids in s.input_ids]
+    targets: list[Any] = [t for s in splits for t in s.targets]
+    return Tokenized(input_ids, targets, pad_ids.pop())
+
+
+def load_baseline(
+    where: Path, cfg: FedtuneConfig, data_dir: Path, mode: str | None = None
+) -> list[SiteScore] | None:
+    """Per-site test scores of a baseline file (or OUT directory plus `mode`), or None when it
+    is missing, unreadable, or was made with other settings or other data."""
+    where = Path(where)
+    if where.is_dir() or not where.suffix:
+        if mode is None:
+            raise BaselineError(f"{where} is a directory: say which mode ({', '.join(MODES)})")
+        where = baseline_path(where, mode)
+    if not where.is_file():
+        return None
+    digest, data_sha = baseline_digest(cfg), data_hash(data_dir)
+    try:
+        result = json.loads(where.read_text())
+        matches = (
+            (mode is None or result["mode"] == mode)
+            and result["digest"] == digest
+            and result["data-sha256"] == data_sha
+        )
+        if not matches:
+            log.info("%s was made with other settings or data; not reused", where)
+            return None
+        return [
+            SiteScore(
+                str(s["site"]),
+                int(s["records"]),
+                {k: math.nan if v is None else float(v) for k, v in s["metrics"].items()},
+            )
+            for s in result["sites"]
+        ]
+    except (ValueError, KeyError, TypeError) as e:
+        log.warning("%s is unreadable (%s); run the baseline again", where, e)
+        return None
+
+
+def load_baselines(
+    out: Path, cfg: FedtuneConfig, data_dir: Path
+) -> dict[str, list[SiteScore] | None]:
+    """Every mode's scores from OUT (None where not run for these settings and data)."""
+    return {mode: load_baseline(out, cfg, data_dir, mode) for mode in MODES}
+
+
+def _train(
+    cfg: FedtuneConfig,
+    data: Tokenized,
+    sites: list[str],
+    adapter_dir: Path,
+    say: Progress,
+    label: str,
+    **train: object,
+) -> tuple[PeftModel, dict[str, Any]]:
+    """Train from the shared initial adapter for the federation's rounds; save the adapter."""
+    rounds = cfg.federation.rounds
+    model = build_model(cfg)  # reset to the shared initial adapter
+    call_cfg, per_call = schedule_over(cfg, len(data), rounds, **train)
+    results: list[TrainResult] = []
+    for r in range(1, rounds + 1):
+        result = train_local(model, data, call_cfg, start_step=(r - 1) * per_call)
+        results.append(result)
+        say(
+            f"{label}: round {r}/{rounds}, {result.steps} steps, loss {result.loss:.4f}, "
+            f"{result.seconds:.1f} s"
+        )
+    save_adapter(get_adapter_state(model), model.peft_config["default"], adapter_dir)
+    return model, {
+        "sites": sites,
+        "train-records": len(data),
+        "rounds": rounds,
+        "steps-per-round": per_call,
+        "train-steps": sum(r.steps for r in results),
+        "train-examples": sum(r.examples for r in results),
+        "final-loss": results[-1].loss,
+        "adapter": adapter_dir.name,
+    }
+
+
+def _score(
+    model: PeftModel, cfg: FedtuneConfig, data_dir: Path, site: str, say: Progress, label: str
+) -> SiteScore:
+    """The trained model scored on the site's held-out test file."""
+    test = load_eval_file(data_dir / site / "test.jsonl", cfg)
+    metrics = evaluate(model, test, cfg)
+    shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("f1", "auroc", "loss") if k in metrics)
+    say(f"{label} {site}: test {shown} on {len(test)} records")
+    return SiteScore(site, len(test), metrics)
+
+
+def _json_metrics(metrics: dict[str, float]) -> dict[str, float | None]:
+    """NaN (an AUROC with one class present) as null, so the file is strict JSON."""
+    return {k: None if math.isnan(v) else v for k, v in metrics.items()}
+
+
+def _federation_file(data_dir: Path) -> Path:
+    path = Path(data_dir) / "federation.json"
+    if not path.is_file():
+        raise BaselineError(
+            f"no federation at {data_dir} ({path.name} missing); make one with "
+            f"`fedtune-sim data --sites 3 --out {data_dir}` or set simulation.data-dir"
+        )
+    return path
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise BaselineError(f"baseline mode must be one of {', '.join(MODES)}, got {mode!r}")
