@@ -4,6 +4,7 @@ match its manifest is refused, never loaded.
 
     RUN_DIR/checkpoints/round-0003/
         adapter_config.json  adapter_model.safetensors  state.json  MANIFEST.json
+        server_state.safetensors    (FedAdam/FedYogi/FedAdagrad moments, FedAvgM momentum)
     RUN_DIR/checkpoints/LATEST          name of the newest complete checkpoint
 """
 
@@ -19,13 +20,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from peft import PeftConfig
+from safetensors.numpy import load_file as load_numpy
+from safetensors.numpy import save_file as save_numpy
 
 from common.adapter import AdapterState, load_adapter, replace_dir, write_adapter_files
 
 MANIFEST = "MANIFEST.json"
 STATE = "state.json"
+SERVER_STATE = "server_state.safetensors"
 LATEST = "LATEST"
 
 
@@ -41,7 +46,9 @@ class Checkpoint:
     adapter: AdapterState
     peft_config: PeftConfig
     state: dict[str, Any]
-    """Run state: config digest, metrics so far, seeds, server optimiser state."""
+    """Run state: config digest, metrics so far, seeds."""
+    server_state: dict[str, np.ndarray]
+    """The strategy's optimiser state, as named arrays ({} for stateless strategies)."""
 
 
 def write_checkpoint(
@@ -50,6 +57,7 @@ def write_checkpoint(
     adapter: Mapping[str, torch.Tensor],
     peft_config: PeftConfig,
     state: Mapping[str, Any],
+    server_state: Mapping[str, np.ndarray] | None = None,
 ) -> Path:
     """Write round `server_round`'s checkpoint and point LATEST at it; returns its path."""
     root = run_dir / "checkpoints"
@@ -61,6 +69,11 @@ def write_checkpoint(
         state_path = staging / STATE
         _write_synced(state_path, json.dumps({"round": server_round, **state}, indent=2))
         files.append(state_path)
+        if server_state:
+            arrays = {k: np.ascontiguousarray(v) for k, v in server_state.items()}
+            save_numpy(arrays, str(staging / SERVER_STATE))
+            files.append(staging / SERVER_STATE)
+            _fsync(staging / SERVER_STATE)
         manifest = {p.name: _sha256(p) for p in files}
         _write_synced(staging / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
         replace_dir(staging, root / name)
@@ -89,8 +102,13 @@ def read_checkpoint(path: Path) -> Checkpoint:
     verify_checkpoint(path)
     adapter, peft_config = load_adapter(path)
     state = json.loads((path / STATE).read_text())
+    server_state = load_numpy(str(path / SERVER_STATE)) if (path / SERVER_STATE).is_file() else {}
     return Checkpoint(
-        round=int(state["round"]), adapter=adapter, peft_config=peft_config, state=state
+        round=int(state["round"]),
+        adapter=adapter,
+        peft_config=peft_config,
+        state=state,
+        server_state=server_state,
     )
 
 
@@ -125,8 +143,37 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _fsync(path: Path) -> None:
+    with path.open("rb") as f:
+        os.fsync(f.fileno())
+
+
 def _write_synced(path: Path, text: str) -> None:
     with path.open("w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+
+
+def resume_checkpoint(run_dir: Path, digest: str, config: Mapping[str, Any]) -> Checkpoint:
+    """The last good checkpoint of `run_dir`, for continuing the run with the same settings.
+
+    Refused, with the reason, when the run has no checkpoint, when it fails verification, or
+    when its settings differ from `config` (a resumed run must reach the same result).
+    """
+    path = latest_checkpoint(run_dir)
+    if path is None:
+        raise CheckpointError(
+            f"{run_dir}: no checkpoint to resume from (checkpoints/LATEST missing); "
+            "start a new run instead"
+        )
+    checkpoint = read_checkpoint(path)
+    if checkpoint.state.get("config-digest") != digest:
+        saved = checkpoint.state.get("config", {})
+        changed = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
+        changed = [k for k in changed if k not in ("federation.resume", "federation.run-dir")]
+        raise CheckpointError(
+            f"{path}: the run was made with other settings ({', '.join(changed) or 'unknown'} "
+            "differ); resume with the run's own settings (its state.json lists them)"
+        )
+    return checkpoint

@@ -4,12 +4,15 @@ round with too few updates fails the run loudly instead of carrying on unchanged
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 
+import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
 
+from common.adapter import WireDtype
 from common.config import FederationSettings
+from common.wire import from_record, to_record
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +52,47 @@ def build_strategy(settings: FederationSettings) -> FedAvg:
         extra = {"eta": lr}
     strategy = guarded(**common, **extra)
     strategy.min_updates = settings.min_sites
+    strategy.wire_dtype = settings.wire_dtype
     return strategy
+
+
+def server_state(strategy: FedAvg) -> dict[str, np.ndarray]:
+    """The server optimiser's state (FedAdam/FedYogi/FedAdagrad moments, FedAvgM momentum),
+    as named arrays for a checkpoint; empty for stateless strategies."""
+    state: dict[str, np.ndarray] = {}
+    for moment in ("m_t", "v_t"):
+        for key, value in (getattr(strategy, moment, None) or {}).items():
+            state[f"{moment}/{key}"] = np.asarray(value)
+    momentum = getattr(strategy, "momentum_vector", None)
+    current = getattr(strategy, "current_arrays", None)
+    if momentum is not None and isinstance(current, ArrayRecord):
+        # FedAvgM keeps its momentum as a list in the order of the adapter's keys
+        for key, value in zip(current.keys(), momentum, strict=True):
+            state[f"momentum/{key}"] = np.asarray(value)
+    return state
+
+
+def restore_server_state(
+    strategy: FedAvg, state: Mapping[str, np.ndarray], keys: Sequence[str]
+) -> None:
+    """Put a checkpoint's server optimiser state back; `keys` is the adapter's key order."""
+    for moment in ("m_t", "v_t"):
+        prefix = f"{moment}/"
+        values = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+        if values:
+            setattr(strategy, moment, values)
+    momentum = [state.get(f"momentum/{key}") for key in keys]
+    if any(m is not None for m in momentum):
+        if any(m is None for m in momentum):
+            raise ValueError("checkpoint holds FedAvgM momentum for only some adapter tensors")
+        strategy.momentum_vector = momentum  # type: ignore[attr-defined]
 
 
 class _MinimumUpdates:
     """Mixin: refuse to aggregate a round whose successful updates are too few."""
 
     min_updates: int = 1
-    last_train: dict[str, float] = {}  # noqa: RUF012 - replaced per instance each round
-    last_evaluate: dict[str, float] = {}  # noqa: RUF012
+    wire_dtype: WireDtype = "fp32"
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -76,16 +111,9 @@ class _MinimumUpdates:
                 "stops here rather than continue with an unchanged model"
             )
         arrays, metrics = super().aggregate_train(server_round, good)  # type: ignore[misc]
-        self.last_train = {
-            "sites": len(good),
-            "asked": len(replies),
-            **(dict(metrics) if metrics else {}),
-        }
-        return arrays, metrics
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        metrics = super().aggregate_evaluate(server_round, replies)  # type: ignore[misc]
-        self.last_evaluate = dict(metrics) if metrics else {}
-        return metrics
+        if arrays is None:
+            return None, metrics
+        # Server optimisers compute in float64: the global adapter is kept in the wire dtype,
+        # so that it is what the sites receive and what a checkpoint holds, bit for bit, and a
+        # resumed run continues from exactly the same numbers.
+        return to_record(from_record(arrays), self.wire_dtype), metrics

@@ -1,6 +1,7 @@
 """A simulated federation on this machine, on Flower's simulation engine.
 
     fedtune-sim run [--config simulations/configs/NAME.toml] [--sites 3]
+    fedtune-sim run --resume runs/sim/run-NNN       # continue an interrupted run
 
 Creates the synthetic federation if it is missing, starts a private local SuperLink (its own
 FLWR_HOME and ports inside the run's output directory, runtime dependency installation and
@@ -10,6 +11,7 @@ PID afterwards, whatever happened.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -20,6 +22,7 @@ import tomllib
 from pathlib import Path
 
 from common.config import FedtuneConfig, flatten, load_config
+from server.runlog import read_run
 from simulations.report import score_sites, table, write_report
 from simulations.synth import write_federation
 
@@ -31,22 +34,34 @@ class SimulationError(RuntimeError):
     """The simulation could not be started or did not finish; the message says why."""
 
 
-def run_simulation(override: Path | None, sites: int, out: Path, seed: int = 0) -> Path:
-    """Run the federation and score its adapter at every site; returns the run directory."""
+def run_simulation(
+    override: Path | None,
+    sites: int | None,
+    out: Path,
+    resume: Path | None = None,
+) -> Path:
+    """Run (or resume) the federation and score its adapter at every site; returns the run
+    directory."""
     defaults = _pyproject_config()
-    cfg = load_config(defaults, override)  # fail on a bad key before anything starts
+    if resume is not None:
+        keys = _resume_keys(resume)
+        out = resume.resolve().parent
+    else:
+        keys = dict(flatten(tomllib.loads(override.read_text()))) if override else {}
+        if sites is not None:
+            keys["simulation.num-sites"] = sites
+    cfg = load_config({**defaults, **keys})  # fail on a bad key before anything starts
     out = out.resolve()
-    data_dir = _absolute(cfg.simulation.data_dir)
-    if not (data_dir / f"site-{sites}" / "train.jsonl").is_file():
-        print(f"writing a synthetic federation of {sites} sites to {data_dir}")
-        write_federation(data_dir, num_sites=sites, seed=seed)
-    run_config = out / "run-config.toml"
+    data_dir = ensure_federation(cfg)
+    keys.update(_absolute_paths(cfg, data_dir, out))
     out.mkdir(parents=True, exist_ok=True)
-    run_config.write_text(_run_config_toml(cfg, data_dir, out, override))
+    run_config = out / "run-config.toml"
+    run_config.write_text(_run_config_toml(keys))
     home = out / "flwr-home"
     home.mkdir(exist_ok=True)
     env = _flower_env(home)
     superlink = _start_superlink(home, env)
+    before = set(out.glob("run-*"))
     try:
         command = [
             shutil.which("flwr") or "flwr",
@@ -56,24 +71,74 @@ def run_simulation(override: Path | None, sites: int, out: Path, seed: int = 0) 
             "--run-config",
             str(run_config),
             "--federation-config",
-            f"num-supernodes={sites} client-resources-num-cpus=1",
+            f"num-supernodes={cfg.simulation.num_sites} client-resources-num-cpus=1",
         ]
         done = subprocess.run(command, env=env, cwd=out, check=False)
         if done.returncode != 0:
             raise SimulationError(f"flwr run exited with code {done.returncode}; see above")
     finally:
         _stop(superlink)
-    runs = sorted((p for p in out.glob("run-*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
-    if not runs or not (runs[-1] / "adapter").is_dir():
-        raise SimulationError(f"the run finished without writing its adapter under {out}")
-    run_dir = runs[-1]
-    final = load_config(defaults, run_config)
+    run_dir = resume.resolve() if resume is not None else _new_run_dir(out, before)
+    if read_run(run_dir).get("status") != "completed":
+        status = read_run(run_dir).get("error", "the run did not complete")
+        raise SimulationError(f"{run_dir}: {status}")
+    final = load_config({**defaults, **keys})
     scores = score_sites(run_dir / "adapter", final, data_dir)
     report = write_report(run_dir, scores, final)
     print("\nGlobal adapter on each site's held-out test file:")
     print("\n".join(table(scores)))
     print(f"\nreport: {report}")
     return run_dir
+
+
+def ensure_federation(cfg: FedtuneConfig) -> Path:
+    """The synthetic federation's directory, written first if it is missing; refused when
+    it holds a federation made with other settings."""
+    sim = cfg.simulation
+    data_dir = _absolute(sim.data_dir)
+    summary = data_dir / "federation.json"
+    if not summary.is_file():
+        print(f"writing a synthetic federation of {sim.num_sites} sites to {data_dir}")
+        write_federation(
+            data_dir,
+            num_sites=sim.num_sites,
+            seed=sim.data_seed,
+            records_per_site=sim.records_per_site or None,
+            heterogeneity=sim.heterogeneity,
+        )
+        return data_dir
+    made = json.loads(summary.read_text())
+    wanted = {
+        "sites": sim.num_sites,
+        "seed": sim.data_seed,
+        "heterogeneity": sim.heterogeneity,
+    }
+    found = {
+        "sites": len(made.get("sites", [])),
+        "seed": made.get("seed"),
+        "heterogeneity": made.get("heterogeneity", 1.0),
+    }
+    if found != wanted:
+        raise SimulationError(
+            f"{summary}: this federation was made with {found}, the run asks for {wanted}; "
+            "point simulation.data-dir at another directory or delete this one"
+        )
+    return data_dir
+
+
+def _resume_keys(run_dir: Path) -> dict[str, object]:
+    """The settings of the run to resume, from its run.json, plus the resume key."""
+    record = read_run(run_dir)
+    if not record:
+        raise SimulationError(f"{run_dir}: run.json missing; not a fedtune run directory")
+    return {**record["config"], "federation.resume": str(run_dir.resolve())}
+
+
+def _new_run_dir(out: Path, before: set[Path]) -> Path:
+    made = sorted(set(out.glob("run-*")) - before, key=lambda p: p.stat().st_mtime)
+    if not made:
+        raise SimulationError(f"the run finished without writing a run directory under {out}")
+    return made[-1]
 
 
 def _pyproject_config() -> dict[str, object]:
@@ -91,14 +156,22 @@ def _absolute(path: str) -> Path:
     return Path(path).expanduser().resolve()
 
 
-def _run_config_toml(cfg: FedtuneConfig, data_dir: Path, out: Path, override: Path | None) -> str:
-    """The overrides handed to `flwr run`: the user's file, with paths made absolute (the
-    SuperLink resolves relative paths against its own working directory)."""
-    keys = dict(flatten(tomllib.loads(override.read_text()))) if override else {}
-    keys["simulation.data-dir"] = str(data_dir)
-    keys["federation.run-dir"] = str(out)
-    if "train.num-threads" not in keys:
+def _absolute_paths(cfg: FedtuneConfig, data_dir: Path, out: Path) -> dict[str, object]:
+    """Paths made absolute (the SuperLink resolves relative ones against its own working
+    directory), and one torch thread per simulated site unless the config says otherwise."""
+    keys: dict[str, object] = {
+        "simulation.data-dir": str(data_dir),
+        "federation.run-dir": str(out),
+    }
+    if cfg.federation.eval_file:
+        keys["federation.eval-file"] = str(_absolute(cfg.federation.eval_file))
+    if cfg.train.num_threads == 0:
         keys["train.num-threads"] = 1  # one thread per simulated site beats oversubscription
+    return keys
+
+
+def _run_config_toml(keys: dict[str, object]) -> str:
+    """The settings handed to `flwr run`, as a TOML file."""
     lines = [f"{k} = {_toml_value(v)}" for k, v in keys.items()]
     return "# written by fedtune-sim run\n" + "\n".join(lines) + "\n"
 

@@ -32,8 +32,9 @@ def test_two_sites_two_rounds_write_the_run_directory(tiny_bert_dir: Path, tmp_p
     assert checkpoint.round == 2 and len(checkpoint.state["metrics"]) == 2
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
-    assert all(r["train"]["bytes-up"] > 0 and "f1" in r["evaluate"] for r in rows)
-    assert all(r["train"]["sites"] == 2 for r in rows)
+    assert all(r["bytes-up"] > 0 and r["bytes-down"] > 0 and "f1" in r["evaluate"] for r in rows)
+    assert all(r["sites-ok"] == 2 and len(r["sites"]) == 2 for r in rows)
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "completed"
     report = (run_dir / "report.md").read_text()
     assert "| site-1 |" in report and "| site-2 |" in report and "all (weighted)" in report
     # The private SuperLink was stopped: no process of ours still holds its database.

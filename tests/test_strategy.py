@@ -313,25 +313,9 @@ def test_fedavgm_is_sgd_with_server_momentum(flower_task: None, lr: float, momen
     _assert_same(got, want)
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        "fedavg",
-        "fedprox",
-        pytest.param(
-            "fedadam",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="Flower's FedAdam multiplies by its bias correction as a NumPy float64, "
-                "which NumPy 2 promotes: a float32 adapter comes back float64, twice the bytes "
-                "on the way down whatever federation.wire-dtype says",
-            ),
-        ),
-        "fedyogi",
-        "fedadagrad",
-        "fedavgm",
-    ],
-)
+# Flower's FedAdam multiplies by its bias correction as a NumPy float64, which NumPy 2
+# promotes: without our cast a float32 adapter would come back float64, twice the bytes down.
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_aggregation_keeps_the_adapter_dtype(flower_task: None, name: str) -> None:
     strategy = build_strategy(
         load_config({"federation.strategy": name, "federation.min-sites": 3}).federation

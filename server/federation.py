@@ -1,0 +1,205 @@
+"""The round loop: train, aggregate, evaluate, report; from round 1 or from a checkpoint.
+
+Flower's `Strategy.start` always begins at round 1 and offers no hook that can resume, so
+this loop drives the strategy's own `configure_*` and `aggregate_*` methods itself. Each
+round: wait (with a limit) for enough sites, sample them (seeded per round), send the
+global adapter, aggregate the replies in node order, evaluate on the sites every N rounds,
+and hand a `RoundOutcome` to the caller, which checkpoints it.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+log = logging.getLogger(__name__)
+
+Metrics = dict[str, int | float]
+CentralEvaluation = Callable[[int, ArrayRecord], Metrics]
+
+
+class SitesMissing(RuntimeError):
+    """Too few sites connected within the time limit."""
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """When and how long the rounds run."""
+
+    first_round: int
+    """1 for a new run; the checkpoint's round + 1 when resuming."""
+    last_round: int
+    min_sites: int
+    round_timeout: float
+    connect_timeout: float
+    evaluate_every: int
+    """Federated evaluation every N rounds and after the last; 0: never."""
+    seed: int
+    """Seeds the sampling of sites, per round, so a resumed run samples as the original."""
+
+    def evaluates(self, server_round: int) -> bool:
+        """Whether the sites evaluate the global adapter after this round."""
+        every = self.evaluate_every
+        return every > 0 and (server_round % every == 0 or server_round == self.last_round)
+
+
+@dataclass
+class RoundOutcome:
+    """What one round did, in numbers only."""
+
+    round: int
+    arrays: ArrayRecord
+    """The new global adapter."""
+    train: Metrics
+    """Example-weighted means of the sites' training metrics; num-examples is their sum."""
+    evaluate: Metrics = field(default_factory=dict)
+    """Example-weighted means of the sites' evaluation metrics ({} when not evaluated)."""
+    central: Metrics = field(default_factory=dict)
+    """Metrics on the coordinator's own evaluation file ({} when none is configured)."""
+    sites: dict[str, dict[str, Metrics]] = field(default_factory=dict)
+    """Per site (node id): its `train` and `evaluate` metrics."""
+    dropped: list[dict[str, object]] = field(default_factory=list)
+    """Sites asked but not aggregated: node id and reason code."""
+    asked: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    seconds: float = 0.0
+
+    def row(self) -> dict[str, object]:
+        """The round as one metrics.jsonl line."""
+        return {
+            "round": self.round,
+            "round-seconds": round(self.seconds, 3),
+            "sites-asked": self.asked,
+            "sites-ok": self.asked - len(self.dropped),
+            "dropped": self.dropped,
+            "bytes-up": self.bytes_up,
+            "bytes-down": self.bytes_down,
+            "train": self.train,
+            "evaluate": self.evaluate,
+            "central": self.central,
+            "sites": self.sites,
+        }
+
+
+def run_rounds(
+    grid: Grid,
+    strategy: FedAvg,
+    arrays: ArrayRecord,
+    plan: RoundPlan,
+    on_round: Callable[[RoundOutcome], None],
+    central: CentralEvaluation | None = None,
+) -> ArrayRecord:
+    """Run rounds `plan.first_round..plan.last_round`; returns the final global adapter."""
+    for server_round in range(plan.first_round, plan.last_round + 1):
+        started = time.monotonic()
+        wait_for_sites(grid, plan.min_sites, plan.connect_timeout)
+        random.seed(f"{plan.seed}-{server_round}")  # Flower samples sites with `random`
+        outcome = RoundOutcome(round=server_round, arrays=arrays, train={})
+        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+        outcome.asked = len(messages)
+        outcome.bytes_down = sum(_payload_bytes(m) for m in messages)
+        replies = _in_node_order(grid.send_and_receive(messages, timeout=plan.round_timeout))
+        outcome.dropped = _dropped(messages, replies)
+        new_arrays, metrics = strategy.aggregate_train(server_round, replies)
+        if new_arrays is None:  # the strategy's guard raises first; this is a backstop
+            raise RuntimeError(f"round {server_round}: the strategy produced no adapter")
+        arrays = outcome.arrays = new_arrays
+        outcome.train = _numbers(metrics)
+        ok = [r for r in replies if not r.has_error()]
+        outcome.bytes_up = sum(_payload_bytes(r) for r in ok)
+        for reply in ok:
+            _site(outcome, reply)["train"] = _numbers(reply.content.get("metrics"))
+        outcome.train["num-examples"] = sum(
+            int(site["train"].get("num-examples", 0)) for site in outcome.sites.values()
+        )
+        if plan.evaluates(server_round):
+            outcome.evaluate = _evaluate(grid, strategy, server_round, arrays, plan, outcome)
+        if central is not None:
+            outcome.central = central(server_round, arrays)
+        outcome.seconds = time.monotonic() - started
+        on_round(outcome)
+    return arrays
+
+
+def _evaluate(
+    grid: Grid,
+    strategy: FedAvg,
+    server_round: int,
+    arrays: ArrayRecord,
+    plan: RoundPlan,
+    outcome: RoundOutcome,
+) -> Metrics:
+    config = ConfigRecord({"split": "val"})
+    messages = list(strategy.configure_evaluate(server_round, arrays, config, grid))
+    outcome.bytes_down += sum(_payload_bytes(m) for m in messages)
+    replies = _in_node_order(grid.send_and_receive(messages, timeout=plan.round_timeout))
+    for reply in replies:
+        if not reply.has_error():
+            _site(outcome, reply)["evaluate"] = _numbers(reply.content.get("metrics"))
+    failed = len(messages) - sum(not r.has_error() for r in replies)
+    if failed:
+        log.warning(
+            "round %d: %d of %d sites failed to evaluate", server_round, failed, len(messages)
+        )
+    return _numbers(strategy.aggregate_evaluate(server_round, replies))
+
+
+def wait_for_sites(grid: Grid, needed: int, timeout: float, poll: float = 1.0) -> int:
+    """Block until `needed` sites are connected, or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        connected = len(list(grid.get_node_ids()))
+        if connected >= needed:
+            return connected
+        if time.monotonic() >= deadline:
+            raise SitesMissing(
+                f"only {connected} of the {needed} sites needed (federation.min-sites) "
+                f"connected within {timeout:.0f} s (federation.connect-timeout); check that "
+                "the sites' SuperNodes are running and can reach the SuperLink"
+            )
+        time.sleep(poll)
+
+
+def _in_node_order(replies: Iterable[Message]) -> list[Message]:
+    """Replies sorted by site, so that aggregation sums in the same order every time."""
+    return sorted(replies, key=lambda r: r.metadata.src_node_id)
+
+
+def _dropped(sent: list[Message], replies: list[Message]) -> list[dict[str, object]]:
+    """Sites that sent an error or nothing in time, with a reason code (never error text,
+    which may quote a site's records)."""
+    answered = {r.metadata.src_node_id for r in replies}
+    dropped: list[dict[str, object]] = [
+        {"node": r.metadata.src_node_id, "reason": f"site-error-{r.error.code}"}
+        for r in replies
+        if r.has_error()
+    ]
+    dropped += [
+        {"node": m.metadata.dst_node_id, "reason": "no-reply-within-round-timeout"}
+        for m in sent
+        if m.metadata.dst_node_id not in answered
+    ]
+    return dropped
+
+
+def _payload_bytes(message: Message) -> int:
+    """Bytes of a message's records (arrays, metrics, config), as Flower counts them."""
+    return sum(record.count_bytes() for record in message.content.values())
+
+
+def _site(outcome: RoundOutcome, reply: Message) -> dict[str, Metrics]:
+    return outcome.sites.setdefault(str(reply.metadata.src_node_id), {})
+
+
+def _numbers(record: object) -> Metrics:
+    if not isinstance(record, MetricRecord):
+        return {}
+    return {k: v for k, v in record.items() if isinstance(v, int | float)}

@@ -1,0 +1,218 @@
+"""The ServerApp's rounds, driven in-process: the real ServerApp `main` and ClientApp handlers,
+with a Grid that hands each message straight to the handler of the site it is addressed to
+(what Flower's engines do across processes). Resume, failing sites and too few updates."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.app import evaluate, train
+from common.adapter import load_adapter
+from server.app import main
+from server.checkpoint import latest_checkpoint, read_checkpoint
+from server.strategy import RoundFailed
+from tests.conftest import write_jsonl
+
+
+class CoordinatorCrash(BaseException):
+    """Stands in for the coordinator process dying (not an Exception: nothing handles it)."""
+
+
+class HandlerGrid(Grid):
+    """Delivers each message to the ClientApp handler of its site, in this process."""
+
+    def __init__(
+        self, run_config: dict[str, object], sites: dict[int, Path], crash_in_round: int = 0
+    ) -> None:
+        self.run_config = run_config
+        self.sites = sites
+        self.crash_in_round = crash_in_round
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.sites)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        replies = []
+        for message in messages:
+            server_round = int(message.content["config"].get("server-round", 0))
+            if server_round == self.crash_in_round and message.metadata.message_type == "train":
+                raise CoordinatorCrash
+            node = message.metadata.dst_node_id
+            context = Context(
+                run_id=1,
+                node_id=node,
+                node_config={"data-path": str(self.sites[node])},
+                state=RecordDict(),
+                run_config=self.run_config,  # type: ignore[arg-type]
+            )
+            handler = train if message.metadata.message_type == "train" else evaluate
+            try:
+                replies.append(handler(message, context))
+            except Exception as e:  # as Flower does: the site's failure becomes an error reply
+                replies.append(Message(Error(code=2, reason=type(e).__name__), reply_to=message))
+        return replies
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        raise NotImplementedError
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        raise NotImplementedError
+
+    def create_message(self, *args: object, **kwargs: object) -> Message:
+        raise NotImplementedError
+
+    def set_run(self, run: object) -> None:
+        raise NotImplementedError
+
+    @property
+    def run(self) -> object:
+        raise NotImplementedError
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> Iterator[None]:
+    """Messages read their sender from the task identity, which Flower sets per process."""
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)  # type: ignore[attr-defined]
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def sites(text_file: Path, tmp_path: Path) -> dict[int, Path]:
+    """Three sites: the shared records split three ways (node ids as Flower would draw them)."""
+    rows = [json.loads(line) for line in text_file.read_text().splitlines()]
+    return {
+        node: write_jsonl(tmp_path / f"site-{i}.jsonl", rows[i::3])
+        for i, node in enumerate((9001, 42, 777))
+    }
+
+
+def _config(tiny_bert_dir: Path, run_dir: Path, **extra: object) -> dict[str, object]:
+    return {
+        "model.path": str(tiny_bert_dir),
+        "lora.rank": 4,
+        "data.max-length": 32,
+        "train.batch-size": 8,
+        "train.learning-rate": 0.01,
+        "train.local-steps": 2,
+        "train.num-threads": 1,
+        "federation.rounds": 3,
+        "federation.min-sites": 2,
+        "federation.connect-timeout": 1.0,
+        "federation.run-dir": str(run_dir),
+        **extra,
+    }
+
+
+def _run(grid: HandlerGrid, run_id: int = 1) -> None:
+    main(
+        grid,
+        Context(
+            run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=grid.run_config
+        ),
+    )  # type: ignore[arg-type]
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedadam", "fedavgm"])
+def test_a_resumed_run_ends_with_the_same_adapter(
+    tiny_bert_dir: Path, sites: dict[int, Path], tmp_path: Path, strategy: str
+) -> None:
+    extra = {"federation.strategy": strategy, "federation.evaluate-every": 2}
+    whole = _config(tiny_bert_dir, tmp_path / "whole", **extra)
+    _run(HandlerGrid(whole, sites))
+    reference, _ = load_adapter(tmp_path / "whole" / "run-1" / "adapter")
+
+    broken = _config(tiny_bert_dir, tmp_path / "broken", **extra)
+    with pytest.raises(CoordinatorCrash):
+        _run(HandlerGrid(broken, sites, crash_in_round=3))
+    run_dir = tmp_path / "broken" / "run-1"
+    assert not (run_dir / "adapter").exists()
+    assert latest_checkpoint(run_dir) == run_dir / "checkpoints" / "round-0002"
+    if strategy != "fedavg":  # the server optimiser's state is part of the checkpoint
+        assert read_checkpoint(run_dir / "checkpoints" / "round-0002").server_state
+
+    _run(HandlerGrid({**broken, "federation.resume": str(run_dir)}, sites), run_id=2)
+    resumed, _ = load_adapter(run_dir / "adapter")
+    assert set(resumed) == set(reference)
+    for key in reference:
+        assert torch.equal(resumed[key], reference[key]), key
+    assert [r["round"] for r in _rows(run_dir)] == [1, 2, 3]
+    assert [bool(r["evaluate"]) for r in _rows(run_dir)] == [False, True, True]
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "completed" and record["resumed-after-rounds"] == [2]
+
+
+def test_resume_refuses_changed_settings(
+    tiny_bert_dir: Path, sites: dict[int, Path], tmp_path: Path
+) -> None:
+    config = _config(tiny_bert_dir, tmp_path, **{"federation.rounds": 1})
+    _run(HandlerGrid(config, sites))
+    changed = {**config, "lora.rank": 8, "federation.resume": str(tmp_path / "run-1")}
+    with pytest.raises(Exception, match=r"other settings \(lora.rank differ\)"):
+        _run(HandlerGrid(changed, sites), run_id=2)
+
+
+def test_a_failing_site_leaves_the_round_to_the_others(
+    tiny_bert_dir: Path, sites: dict[int, Path], tmp_path: Path
+) -> None:
+    broken = {**sites, 5: tmp_path / "missing.jsonl"}  # this site's data file is gone
+    _run(HandlerGrid(_config(tiny_bert_dir, tmp_path, **{"federation.rounds": 2}), broken))
+    rows = _rows(tmp_path / "run-1")
+    assert [r["sites-ok"] for r in rows] == [3, 3] and [r["sites-asked"] for r in rows] == [4, 4]
+    assert rows[0]["dropped"] == [{"node": 5, "reason": "site-error-2"}]
+    assert set(rows[0]["sites"]) == {str(n) for n in sites}
+    assert rows[0]["train"]["num-examples"] > 0 and rows[0]["bytes-up"] > 0
+    assert (tmp_path / "run-1" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_too_few_updates_fail_the_run_with_its_reason(
+    tiny_bert_dir: Path, sites: dict[int, Path], tmp_path: Path
+) -> None:
+    only_one = {9001: sites[9001], 5: tmp_path / "missing.jsonl"}
+    with pytest.raises(RoundFailed, match="round 1: 1 successful updates of 2"):
+        _run(HandlerGrid(_config(tiny_bert_dir, tmp_path), only_one))
+    record = json.loads((tmp_path / "run-1" / "run.json").read_text())
+    assert record["status"] == "failed" and "federation.min-sites" in record["error"]
+    assert latest_checkpoint(tmp_path / "run-1") is None
+
+
+def test_central_evaluation_scores_every_round(
+    tiny_bert_dir: Path, sites: dict[int, Path], text_file: Path, tmp_path: Path
+) -> None:
+    config = _config(
+        tiny_bert_dir,
+        tmp_path,
+        **{
+            "federation.rounds": 2,
+            "federation.eval-file": str(text_file),
+            "federation.evaluate-every": 0,
+        },
+    )
+    _run(HandlerGrid(config, sites))
+    rows = _rows(tmp_path / "run-1")
+    assert all({"f1", "auroc", "loss"} <= set(r["central"]) for r in rows)
+    assert all(r["evaluate"] == {} for r in rows)
+    assert rows[0]["central"]["loss"] != rows[1]["central"]["loss"]
+
+
+def test_sites_that_never_connect_fail_with_a_clear_message(
+    tiny_bert_dir: Path, sites: dict[int, Path], tmp_path: Path
+) -> None:
+    config = _config(tiny_bert_dir, tmp_path, **{"federation.min-sites": 5})
+    with pytest.raises(Exception, match=r"only 3 of the 5 sites .* within 1 s"):
+        _run(HandlerGrid(config, sites))
