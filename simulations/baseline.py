@@ -169,7 +169,7 @@ def load_baseline(
     """Per-site test scores of a baseline file (or OUT directory plus `mode`), or None when it
     is missing, unreadable, or was made with other settings or other data."""
     where = Path(where)
-    if where.is_dir() or not where.suffix:
+    if where.suffix != ".json":  # an OUT directory, made or not yet
         if mode is None:
             raise BaselineError(f"{where} is a directory: say which mode ({', '.join(MODES)})")
         where = baseline_path(where, mode)
