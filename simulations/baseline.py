@@ -23,7 +23,7 @@ from typing import Any
 from peft import PeftModel
 
 from client.dataset import load_site
-from client.train import TrainResult, schedule_over, train_local
+from client.train import TrainResult, schedule_over, steps_per_call, train_local
 from common.adapter import get_adapter_state, save_adapter
 from common.batches import Tokenized
 from common.config import FedtuneConfig
@@ -123,9 +123,7 @@ def run_baseline(
             scores.append(_score(model, cfg, data_dir, site, say, "local"))
     else:
         pool = pool_splits([splits[s] for s in sites])
-        # A fixed local-steps budget is per site: the federation takes it at every site, so
-        # the pooled model takes it once per site to see as many examples.
-        extra = {"local_steps": cfg.train.local_steps * len(sites)} if cfg.train.local_steps else {}
+        extra = _pooled_budget(cfg, [len(splits[s]) for s in sites])
         say(f"centralized: training on {len(pool)} pooled records of {len(sites)} sites")
         model, info = _train(cfg, pool, sites, adapters / "pooled", say, "centralized", **extra)
         trained.append(info)
@@ -233,11 +231,28 @@ def _train(
         "train-records": len(data),
         "rounds": rounds,
         "steps-per-round": per_call,
+        "schedule-steps": call_cfg.train.schedule_steps,
         "train-steps": sum(r.steps for r in results),
         "train-examples": sum(r.examples for r in results),
         "final-loss": results[-1].loss,
         "adapter": adapter_dir.name,
     }
+
+
+def _pooled_budget(cfg: FedtuneConfig, site_sizes: list[int]) -> dict[str, object]:
+    """Training keys that give the pooled model the whole federation's budget."""
+    extra: dict[str, object] = {}
+    if cfg.train.local_steps:
+        # A fixed local-steps budget is per site: the federation takes it at every site, so
+        # the pooled model takes it once per site to see as many examples.
+        extra["local_steps"] = cfg.train.local_steps * len(site_sizes)
+    if cfg.train.schedule_steps:
+        # An explicit schedule is sized for a site's steps per round: stretch it to the pooled
+        # model's, so that both reach the same point of the schedule in the same round.
+        pooled = steps_per_call(sum(site_sizes), cfg.train.model_copy(update=extra))
+        site = sum(steps_per_call(n, cfg.train) for n in site_sizes) / len(site_sizes)
+        extra["schedule_steps"] = max(1, round(cfg.train.schedule_steps * pooled / site))
+    return extra
 
 
 def _score(

@@ -147,11 +147,14 @@ def test_pooling_keeps_every_record_in_order() -> None:
 def test_fixed_local_steps_are_taken_once_per_site_by_the_pooled_model(
     tiny_bert_dir: Path, federation: Path, tmp_path: Path
 ) -> None:
-    cfg = _config(tiny_bert_dir, federation, **{"train.local-steps": 1, "federation.rounds": 1})
+    keys = {"train.local-steps": 1, "federation.rounds": 1, "train.schedule-steps": 3}
+    cfg = _config(tiny_bert_dir, federation, **keys)
     run_baseline("centralized", cfg, federation, tmp_path)
     (trained,) = _result(tmp_path, "centralized")["trained"]
-    # the federation takes 1 step at each of 2 sites per round; so does the pooled model
+    # the federation takes 1 step at each of 2 sites per round; so does the pooled model,
+    # on a schedule stretched alike
     assert trained["train-steps"] == 2 and trained["train-examples"] > 32
+    assert trained["schedule-steps"] == 6
 
 
 def test_cache_is_reused_for_the_same_settings_and_data_only(
