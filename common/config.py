@@ -190,7 +190,8 @@ class FederationSettings(_Section):
 
     server_learning_rate: float = Field(0.0, ge=0)
     """Server step size of fedavgm, fedadam, fedyogi and fedadagrad; 0 uses each one's
-    default (fedavgm 1.0, fedadam and fedyogi 0.01, fedadagrad 0.1)."""
+    default, sized for LoRA adapters (fedavgm 1.0, fedadam 0.03, fedyogi 0.02, fedadagrad
+    0.015)."""
 
     server_momentum: float = Field(0.9, ge=0, lt=1)
     """Server momentum of fedavgm."""

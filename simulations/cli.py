@@ -82,7 +82,11 @@ def _parser() -> argparse.ArgumentParser:
         "with a private local SuperLink, and stop that SuperLink afterwards.",
     )
     run.add_argument("--config", type=Path, help="TOML file overriding the default settings")
-    run.add_argument("--sites", type=_at_least(1), default=3, help="simulated sites (default 3)")
+    run.add_argument(
+        "--sites",
+        type=_at_least(1),
+        help="simulated sites (default: simulation.num-sites, 3)",
+    )
     run.add_argument(
         "--out",
         type=Path,
@@ -90,10 +94,15 @@ def _parser() -> argparse.ArgumentParser:
         help="where the run writes its outputs (default runs/sim)",
     )
     run.add_argument(
-        "--seed",
-        type=_at_least(0),
-        default=0,
-        help="seed of the synthetic federation, if it has to be made (default 0)",
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
+        help="continue an interrupted run from its last good checkpoint, with its own settings",
+    )
+    run.add_argument(
+        "--no-baselines",
+        action="store_true",
+        help="skip training the local-only and centralised baselines (reused when present)",
     )
     _add_baseline(sub)
     return parser
@@ -168,11 +177,16 @@ def _baseline(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from common.config import ConfigError
+    from server.checkpoint import CheckpointError
+    from simulations.baseline import BaselineError
     from simulations.run import SimulationError, run_simulation
 
+    if args.resume and (args.config or args.sites):
+        print("fedtune-sim run: --resume uses the run's own settings; drop --config and --sites")
+        return 2
     try:
-        out = run_simulation(args.config, args.sites, args.out, args.seed)
-    except (ConfigError, SimulationError) as e:
+        out = run_simulation(args.config, args.sites, args.out, args.resume, not args.no_baselines)
+    except (ConfigError, SimulationError, CheckpointError, BaselineError) as e:
         print(f"fedtune-sim run: {e}", file=sys.stderr)
         return 1
     print(f"run outputs in {out}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -23,11 +24,15 @@ from pathlib import Path
 
 from common.config import FedtuneConfig, flatten, load_config
 from server.runlog import read_run
-from simulations.report import score_sites, table, write_report
+from simulations.baseline import load_baselines, run_baseline
+from simulations.report import comparison, score_sites, write_report
 from simulations.synth import write_federation
 
 PROJECT = Path(__file__).resolve().parents[1]
 STARTUP_TIMEOUT = 60.0
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+HIDDEN = re.compile(r"default simulated SuperNodes changed")  # we always set their number
+SHOWN = re.compile(r"round \d+/\d+ |resuming |run finished|WARNING|ERROR|Traceback|Error:")
 
 
 class SimulationError(RuntimeError):
@@ -39,9 +44,11 @@ def run_simulation(
     sites: int | None,
     out: Path,
     resume: Path | None = None,
+    with_baselines: bool = True,
 ) -> Path:
-    """Run (or resume) the federation and score its adapter at every site; returns the run
-    directory."""
+    """Run (or resume) the federation, score its adapter at every site and, unless told not
+    to, train the local-only and centralised baselines it is compared with (reused when
+    OUT already holds them for the same settings and data); returns the run directory."""
     defaults = _pyproject_config()
     if resume is not None:
         keys = _resume_keys(resume)
@@ -73,22 +80,51 @@ def run_simulation(
             "--federation-config",
             f"num-supernodes={cfg.simulation.num_sites} client-resources-num-cpus=1",
         ]
-        done = subprocess.run(command, env=env, cwd=out, check=False)
-        if done.returncode != 0:
-            raise SimulationError(f"flwr run exited with code {done.returncode}; see above")
+        code = _stream(command, env, out, out / "flwr-run.log")
     finally:
         _stop(superlink)
     run_dir = resume.resolve() if resume is not None else _new_run_dir(out, before)
-    if read_run(run_dir).get("status") != "completed":
-        status = read_run(run_dir).get("error", "the run did not complete")
-        raise SimulationError(f"{run_dir}: {status}")
+    record = read_run(run_dir) if run_dir else {}
+    if code != 0 or record.get("status") != "completed":
+        why = record.get("error") or f"flwr run exited with code {code}"
+        raise SimulationError(f"the run failed: {why}; full log: {out / 'flwr-run.log'}")
+    assert run_dir is not None
     final = load_config({**defaults, **keys})
     scores = score_sites(run_dir / "adapter", final, data_dir)
-    report = write_report(run_dir, scores, final)
-    print("\nGlobal adapter on each site's held-out test file:")
-    print("\n".join(table(scores)))
+    command = "fedtune-sim baseline --mode both" + (f" --config {override}" if override else "")
+    command += f" --out {out}"
+    baselines = load_baselines(out, final, data_dir)
+    if with_baselines:
+        # Same budget, after the federation: both cores are free again (two torch threads).
+        threads = final.train.model_copy(update={"num_threads": 0})
+        local = final.model_copy(update={"train": threads})
+        for mode, found in baselines.items():
+            if found is None:
+                print(f"baseline {mode}: training with the federation's budget")
+                run_baseline(mode, local, data_dir, out, progress=print)
+        baselines = load_baselines(out, final, data_dir)
+    report = write_report(run_dir, scores, final, baselines, command)
+    print("\nTest metrics on each site's held-out file: federated vs local-only vs centralised")
+    print("\n".join(comparison(scores, baselines, command)))
     print(f"\nreport: {report}")
     return run_dir
+
+
+def _stream(command: list[str], env: dict[str, str], cwd: Path, log: Path) -> int:
+    """Run `flwr run`, keep its whole output in `log`, and show only our progress lines,
+    warnings and errors (Flower logs several lines per round on its own)."""
+    with log.open("w") as keep:
+        process = subprocess.Popen(
+            command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        assert process.stdout is not None
+        for line in process.stdout:
+            keep.write(line)
+            keep.flush()
+            plain = ANSI.sub("", line).rstrip()
+            if SHOWN.search(plain) and not HIDDEN.search(plain):
+                print(plain.split(":", 1)[-1].strip() if "INFO" in plain else plain, flush=True)
+        return process.wait()
 
 
 def ensure_federation(cfg: FedtuneConfig) -> Path:
@@ -134,11 +170,9 @@ def _resume_keys(run_dir: Path) -> dict[str, object]:
     return {**record["config"], "federation.resume": str(run_dir.resolve())}
 
 
-def _new_run_dir(out: Path, before: set[Path]) -> Path:
+def _new_run_dir(out: Path, before: set[Path]) -> Path | None:
     made = sorted(set(out.glob("run-*")) - before, key=lambda p: p.stat().st_mtime)
-    if not made:
-        raise SimulationError(f"the run finished without writing a run directory under {out}")
-    return made[-1]
+    return made[-1] if made else None
 
 
 def _pyproject_config() -> dict[str, object]:

@@ -37,6 +37,9 @@ def test_two_sites_two_rounds_write_the_run_directory(tiny_bert_dir: Path, tmp_p
     assert json.loads((run_dir / "run.json").read_text())["status"] == "completed"
     report = (run_dir / "report.md").read_text()
     assert "| site-1 |" in report and "| site-2 |" in report and "all (weighted)" in report
+    assert "local only F1" in report and "centralised F1" in report and "not run" not in report
+    assert (out.parent / "baseline-local.json").is_file()
+    assert all((run_dir / "plots" / name).is_file() for name in ("train-loss.png", "traffic.png"))
     # The private SuperLink was stopped: no process of ours still holds its database.
     superlink_pids = _pids_using(out.parent / "flwr-home" / "state.db")
     assert not superlink_pids, f"SuperLink still running: {superlink_pids}"
