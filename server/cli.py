@@ -1,7 +1,8 @@
 """`fedtune-server`: the coordinator operator's command (certificates, sites, runs, export).
 
 None of its subcommands exists yet; each names the issue that brings it, so that no
-operator mistakes a placeholder for a working step.
+operator mistakes a placeholder for a working step. Until then a coordinator runs the app
+with `flwr run`, and resumes a run with `--run-config "federation.resume='/abs/RUN_DIR'"`.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ import argparse
 import sys
 
 PLANNED = {
-    "run": ("start a federated run from a config", 3),
-    "resume": ("resume a run from its last checkpoint", 3),
+    "run": ("submit a federated run from a config and follow it", 4),
+    "resume": ("resume a run from its last checkpoint after a crash", 4),
     "ca": ("create a certificate authority and server certificate", 4),
     "register": ("register a site's public key", 4),
     "start": ("start the SuperLink with TLS and site authentication", 4),

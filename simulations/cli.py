@@ -139,7 +139,7 @@ def _add_baseline(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 def _baseline(args: argparse.Namespace) -> int:
     from common.config import ConfigError, load_config
-    from simulations.baseline import MODES, load_baseline, run_baseline
+    from simulations.baseline import MODES, load_baseline, train_baselines
     from simulations.report import APPROACHES, table
     from simulations.run import SimulationError, _absolute, _pyproject_config
 
@@ -157,15 +157,18 @@ def _baseline(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 1
+        missing = []
         for mode in modes:
-            scores = None if args.force else load_baseline(args.out, cfg, data_dir, mode)
-            if scores is not None:
+            results[mode] = None if args.force else load_baseline(args.out, cfg, data_dir, mode)
+            if results[mode] is not None:
                 print(f"{mode}: reusing {args.out / f'baseline-{mode}.json'} (same settings, data)")
             else:
-                path = run_baseline(mode, cfg, data_dir, args.out, progress=print)
-                scores = load_baseline(path, cfg, data_dir, mode)
-                print(f"{mode}: wrote {path}")
-            results[mode] = scores
+                missing.append(mode)
+        for path, mode in zip(
+            train_baselines(missing, cfg, data_dir, args.out, progress=print), missing, strict=True
+        ):
+            results[mode] = load_baseline(path, cfg, data_dir, mode)
+            print(f"{mode}: wrote {path}")
     except (ConfigError, SimulationError, ValueError, OSError) as e:
         print(f"fedtune-sim baseline: error: {e}", file=sys.stderr)
         return 1

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from common.config import FedtuneConfig, flatten, load_config
 from server.runlog import read_run
-from simulations.baseline import load_baselines, run_baseline
+from simulations.baseline import load_baselines, train_baselines
 from simulations.report import comparison, score_sites, write_report
 from simulations.synth import write_federation
 
@@ -95,13 +95,10 @@ def run_simulation(
     command += f" --out {out}"
     baselines = load_baselines(out, final, data_dir)
     if with_baselines:
-        # Same budget, after the federation: both cores are free again (two torch threads).
-        threads = final.train.model_copy(update={"num_threads": 0})
-        local = final.model_copy(update={"train": threads})
-        for mode, found in baselines.items():
-            if found is None:
-                print(f"baseline {mode}: training with the federation's budget")
-                run_baseline(mode, local, data_dir, out, progress=print)
+        missing = [mode for mode, found in baselines.items() if found is None]
+        if missing:
+            print(f"training the {' and '.join(missing)} baseline with the federation's budget")
+            train_baselines(missing, final, data_dir, out, progress=print)
         baselines = load_baselines(out, final, data_dir)
     report = write_report(run_dir, scores, final, baselines, command)
     print("\nTest metrics on each site's held-out file: federated vs local-only vs centralised")
