@@ -14,7 +14,7 @@ from peft import PeftModel
 
 from common.batches import Tokenized, iter_batches
 from common.config import FedtuneConfig, TrainSettings
-from common.evaluation import batch_loss
+from common.evaluation import balanced_class_weights, batch_loss
 from common.model import autocast, autocast_dtype
 
 StepCallback = Callable[[int, float], None]
@@ -95,6 +95,10 @@ def train_local(
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     anchor = [p.detach().clone() for p in trainable] if proximal_mu > 0 else []
     task = cfg.model.task
+    weights = None
+    if task == "classification" and settings.class_weights == "balanced":
+        labels = [int(t) for t in data.targets]  # type: ignore[arg-type]
+        weights = balanced_class_weights(labels, cfg.model.num_labels).to(device)
     model.train()
     started = time.perf_counter()
     loss_sum, examples, tokens, padded = 0.0, 0, 0, 0
@@ -109,7 +113,7 @@ def train_local(
             for _ in range(settings.grad_accum_steps):
                 batch = {k: v.to(device, non_blocking=True) for k, v in next(stream).items()}
                 with autocast(device, amp):
-                    loss = batch_loss(model, batch, task, reduction="mean")
+                    loss = batch_loss(model, batch, task, "mean", weights)
                 objective = loss
                 if anchor:
                     objective = loss + 0.5 * proximal_mu * _drift(trainable, anchor)

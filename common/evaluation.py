@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,16 @@ def load_eval_file(path: Path, cfg: FedtuneConfig) -> Tokenized:
     return tokenize(
         records, load_tokenizer(resolve_model_path(cfg.model.path)), cfg.data.max_length
     )
+
+
+def balanced_class_weights(labels: Sequence[int], num_labels: int) -> torch.Tensor:
+    """Weights n / (K x n_c) per class c, so that every class weighs the same in the loss
+    (classes absent from `labels` get weight 0)."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_labels)
+    present = counts > 0
+    weights = np.zeros(num_labels, dtype=np.float64)
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    return torch.tensor(weights, dtype=torch.float32)
 
 
 @torch.inference_mode()
@@ -55,11 +66,19 @@ def evaluate(model: PeftModel, data: Tokenized, cfg: FedtuneConfig) -> dict[str,
 
 
 def batch_loss(
-    model: PeftModel, batch: dict[str, torch.Tensor], task: str, reduction: str
+    model: PeftModel,
+    batch: dict[str, torch.Tensor],
+    task: str,
+    reduction: str,
+    class_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """Cross-entropy of a batch: over classes, or over completion tokens for causal LMs.
+    `class_weights` (classification only) weighs each example by its true class."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     if task == "classification":
-        return F.cross_entropy(logits.float(), batch["labels"], reduction=reduction)
+        return F.cross_entropy(
+            logits.float(), batch["labels"], weight=class_weights, reduction=reduction
+        )
     # Next-token prediction: position t predicts token t+1; prompt and padding are IGNORE.
     shifted = logits[:, :-1].float()
     return F.cross_entropy(

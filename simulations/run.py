@@ -26,7 +26,7 @@ from common.config import FedtuneConfig, flatten, load_config
 from server.runlog import read_run
 from simulations.baseline import load_baselines, train_baselines
 from simulations.report import comparison, score_sites, write_report
-from simulations.synth import write_federation
+from simulations.synth import DEFAULT_MEAN_RECORDS, write_federation
 
 PROJECT = Path(__file__).resolve().parents[1]
 STARTUP_TIMEOUT = 60.0
@@ -145,11 +145,13 @@ def ensure_federation(cfg: FedtuneConfig) -> Path:
         "sites": sim.num_sites,
         "seed": sim.data_seed,
         "heterogeneity": sim.heterogeneity,
+        "records-per-site": sim.records_per_site or DEFAULT_MEAN_RECORDS,
     }
     found = {
         "sites": len(made.get("sites", [])),
         "seed": made.get("seed"),
         "heterogeneity": made.get("heterogeneity", 1.0),
+        "records-per-site": made.get("records_per_site", DEFAULT_MEAN_RECORDS),
     }
     if found != wanted:
         raise SimulationError(

@@ -169,12 +169,14 @@ class FederationSummary:
     seed: int
     sites: tuple[SiteSummary, ...]
     heterogeneity: float = 1.0
+    records_per_site: int = DEFAULT_MEAN_RECORDS
 
     def to_json(self) -> dict[str, Any]:
         """The federation.json payload: numbers and names only, never record text."""
         return {
             "seed": self.seed,
             "heterogeneity": self.heterogeneity,
+            "records_per_site": self.records_per_site,
             "num_sites": len(self.sites),
             "risk_model": dict(RISK_MODEL),
             "sites": [vars(site) for site in self.sites],
@@ -522,7 +524,11 @@ def write_federation(
     if stale:
         logger.warning("%s holds sites from an earlier run, left untouched: %s", out_dir, stale)
     summary = FederationSummary(
-        out_dir=out_dir, seed=seed, sites=tuple(summaries), heterogeneity=float(heterogeneity)
+        out_dir=out_dir,
+        seed=seed,
+        sites=tuple(summaries),
+        heterogeneity=float(heterogeneity),
+        records_per_site=records_per_site or DEFAULT_MEAN_RECORDS,
     )
     _write_atomic(out_dir / "federation.json", json.dumps(summary.to_json(), indent=2) + "\n")
     return summary
