@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 
 import pytest
+import torch
 
+from common.adapter import load_adapter
 from server.checkpoint import latest_checkpoint, read_checkpoint
 from simulations.run import run_simulation
 from simulations.synth import write_federation
@@ -21,7 +24,8 @@ def test_two_sites_two_rounds_write_the_run_directory(tiny_bert_dir: Path, tmp_p
     override = tmp_path / "quick.toml"
     override.write_text(
         f'model.path = "{tiny_bert_dir}"\nlora.rank = 4\ndata.max-length = 32\n'
-        f'simulation.data-dir = "{data}"\nfederation.rounds = 2\ntrain.local-steps = 2\n'
+        f'simulation.data-dir = "{data}"\nsimulation.records-per-site = 60\n'
+        "federation.rounds = 2\ntrain.local-steps = 2\n"
     )
     out = run_simulation(override, sites=2, out=tmp_path / "run")
     run_dir = out
@@ -58,3 +62,35 @@ def _pids_using(path: Path) -> list[int]:
     for pid in pids:  # never leave a stray server behind, even when the assertion fails
         os.kill(pid, signal.SIGTERM)
     return pids
+
+
+@pytest.mark.slow
+def test_a_run_cut_after_round_one_resumes_to_the_same_adapter(
+    tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    """The state a coordinator that died after round 1's checkpoint leaves behind, resumed
+    with `fedtune-sim run --resume` on a fresh SuperLink, ends where the whole run ended."""
+    data = tmp_path / "federation"
+    write_federation(data, num_sites=2, seed=0, records_per_site=60, test_records=20)
+    override = tmp_path / "quick.toml"
+    override.write_text(
+        f'model.path = "{tiny_bert_dir}"\nlora.rank = 4\ndata.max-length = 32\n'
+        f'simulation.data-dir = "{data}"\nsimulation.records-per-site = 60\n'
+        "federation.rounds = 2\ntrain.local-steps = 2\n"
+    )
+    run_dir = run_simulation(override, sites=2, out=tmp_path / "run", with_baselines=False)
+    whole, _ = load_adapter(run_dir / "adapter")
+    # What a crash right after round 1's checkpoint leaves: no round 2, no final adapter.
+    shutil.rmtree(run_dir / "checkpoints" / "round-0002")
+    (run_dir / "checkpoints" / "LATEST").write_text("round-0001")
+    shutil.rmtree(run_dir / "adapter")
+    resumed_dir = run_simulation(None, None, tmp_path / "run", resume=run_dir, with_baselines=False)
+    assert resumed_dir == run_dir
+    resumed, _ = load_adapter(run_dir / "adapter")
+    for key, value in whole.items():
+        torch.testing.assert_close(resumed[key], value, rtol=1e-6, atol=1e-7)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "completed" and record["resumed-after-rounds"] == [1]
+    assert not _pids_using(tmp_path / "run" / "flwr-home" / "state.db")
