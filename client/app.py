@@ -1,8 +1,7 @@
 """The Flower ClientApp (`[tool.flwr.app.components] clientapp`): glue only.
 
 Each handler unpacks the message, calls `client.rounds`, and packs a reply holding the
-adapter and numeric metrics, nothing else. The ServerApp that drives it arrives with the
-rest of the federation issue (#3).
+adapter and numeric metrics, nothing else; server/app.py drives it.
 """
 
 from __future__ import annotations
