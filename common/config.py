@@ -273,11 +273,13 @@ class FedtuneConfig(_Section):
         Where the run is written and which run it resumes do not change its result, so a
         resumed run has the digest of the run it continues.
         """
-        flat = {k: v for k, v in self.flat().items() if k not in _DIGEST_EXEMPT}
+        flat = {k: v for k, v in self.flat().items() if k not in DIGEST_EXEMPT}
         return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()
 
 
-_DIGEST_EXEMPT = ("federation.resume", "federation.run-dir", "federation.connect-timeout")
+# Settings that do not change a run's result: where it is written, which run it resumes,
+# how long it waits for sites to connect.
+DIGEST_EXEMPT = ("federation.resume", "federation.run-dir", "federation.connect-timeout")
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

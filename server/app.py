@@ -57,20 +57,21 @@ def main(grid: Grid, context: Context) -> None:
     start_run(run_dir, cfg, context.run_id, first_round - 1 if fed.resume else None)
     started = time.monotonic() - (float(history[-1].get("seconds", 0.0)) if history else 0.0)
 
+    run_state = {
+        "config-digest": cfg.digest(),
+        "config": cfg.flat(),
+        "seeds": {
+            "train": cfg.train.seed,
+            "lora-init": cfg.lora.init_seed,
+            "split": cfg.data.split_seed,
+        },
+    }
+
     def after_round(outcome: RoundOutcome) -> None:
         elapsed = time.monotonic() - started
         row = {**outcome.row(), "seconds": round(elapsed, 3)}
         history.append(row)
-        state = {
-            "config-digest": cfg.digest(),
-            "config": cfg.flat(),
-            "metrics": history,
-            "seeds": {
-                "train": cfg.train.seed,
-                "lora-init": cfg.lora.init_seed,
-                "split": cfg.data.split_seed,
-            },
-        }
+        state = {**run_state, "metrics": history}
         adapter = from_record(outcome.arrays)
         write_checkpoint(
             run_dir, outcome.round, adapter, peft_config, state, server_state(strategy)

@@ -27,6 +27,8 @@ from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 
 from common.adapter import AdapterState, load_adapter, replace_dir, write_adapter_files
+from common.config import DIGEST_EXEMPT
+from server.runlog import write_text
 
 MANIFEST = "MANIFEST.json"
 STATE = "state.json"
@@ -80,9 +82,7 @@ def write_checkpoint(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    pointer = root / f".{LATEST}.tmp"
-    _write_synced(pointer, name)
-    os.replace(pointer, root / LATEST)
+    write_text(root / LATEST, name)
     return root / name
 
 
@@ -170,8 +170,11 @@ def resume_checkpoint(run_dir: Path, digest: str, config: Mapping[str, Any]) -> 
     checkpoint = read_checkpoint(path)
     if checkpoint.state.get("config-digest") != digest:
         saved = checkpoint.state.get("config", {})
-        changed = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
-        changed = [k for k in changed if k not in ("federation.resume", "federation.run-dir")]
+        changed = sorted(
+            k
+            for k in set(saved) | set(config)
+            if saved.get(k) != config.get(k) and k not in DIGEST_EXEMPT
+        )
         raise CheckpointError(
             f"{path}: the run was made with other settings ({', '.join(changed) or 'unknown'} "
             "differ); resume with the run's own settings (its state.json lists them)"

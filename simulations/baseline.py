@@ -32,6 +32,7 @@ from common.batches import Tokenized
 from common.config import FedtuneConfig
 from common.evaluation import evaluate, load_eval_file
 from common.model import build_model, resolve_model_path, set_threads
+from server.runlog import write_json
 from simulations.report import SiteScore
 
 log = logging.getLogger(__name__)
@@ -146,9 +147,7 @@ def run_baseline(
     }
     path = baseline_path(out, mode)
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(json.dumps(result, indent=2) + "\n")
-    staging.replace(path)  # a reader never sees half a file
+    write_json(path, result)  # a reader never sees half a file
     return path
 
 

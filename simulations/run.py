@@ -99,7 +99,7 @@ def run_simulation(
         if missing:
             print(f"training the {' and '.join(missing)} baseline with the federation's budget")
             train_baselines(missing, final, data_dir, out, progress=print)
-        baselines = load_baselines(out, final, data_dir)
+            baselines = load_baselines(out, final, data_dir)
     report = write_report(run_dir, scores, final, baselines, command)
     print("\nTest metrics on each site's held-out file: federated vs local-only vs centralised")
     print("\n".join(comparison(scores, baselines, command)))
