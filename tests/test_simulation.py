@@ -17,16 +17,22 @@ from simulations.run import run_simulation
 from simulations.synth import write_federation
 
 
-@pytest.mark.slow
-def test_two_sites_two_rounds_write_the_run_directory(tiny_bert_dir: Path, tmp_path: Path) -> None:
+def _two_small_sites(model_dir: Path, tmp_path: Path) -> Path:
+    """A 2-site synthetic federation and an override file that runs it for 2 short rounds."""
     data = tmp_path / "federation"
     write_federation(data, num_sites=2, seed=0, records_per_site=60, test_records=20)
     override = tmp_path / "quick.toml"
     override.write_text(
-        f'model.path = "{tiny_bert_dir}"\nlora.rank = 4\ndata.max-length = 32\n'
+        f'model.path = "{model_dir}"\nlora.rank = 4\ndata.max-length = 32\n'
         f'simulation.data-dir = "{data}"\nsimulation.records-per-site = 60\n'
         "federation.rounds = 2\ntrain.local-steps = 2\n"
     )
+    return override
+
+
+@pytest.mark.slow
+def test_two_sites_two_rounds_write_the_run_directory(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    override = _two_small_sites(tiny_bert_dir, tmp_path)
     out = run_simulation(override, sites=2, out=tmp_path / "run")
     run_dir = out
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
@@ -70,14 +76,7 @@ def test_a_run_cut_after_round_one_resumes_to_the_same_adapter(
 ) -> None:
     """The state a coordinator that died after round 1's checkpoint leaves behind, resumed
     with `fedtune-sim run --resume` on a fresh SuperLink, ends where the whole run ended."""
-    data = tmp_path / "federation"
-    write_federation(data, num_sites=2, seed=0, records_per_site=60, test_records=20)
-    override = tmp_path / "quick.toml"
-    override.write_text(
-        f'model.path = "{tiny_bert_dir}"\nlora.rank = 4\ndata.max-length = 32\n'
-        f'simulation.data-dir = "{data}"\nsimulation.records-per-site = 60\n'
-        "federation.rounds = 2\ntrain.local-steps = 2\n"
-    )
+    override = _two_small_sites(tiny_bert_dir, tmp_path)
     run_dir = run_simulation(override, sites=2, out=tmp_path / "run", with_baselines=False)
     whole, _ = load_adapter(run_dir / "adapter")
     # What a crash right after round 1's checkpoint leaves: no round 2, no final adapter.
