@@ -1,7 +1,9 @@
-"""`fedtune-site`: check data, train locally and (later) join a federation, at a site.
+"""`fedtune-site`: check data, train locally and join a federation, at a site.
 
 fedtune-site check --data notes.jsonl
 fedtune-site train --data notes.jsonl --epochs 3 --out adapter/
+fedtune-site keygen                                  # the site's key pair; send site.pub
+fedtune-site start --superlink fl.example.org:443 --ca ca.pem --data notes.jsonl
 """
 
 from __future__ import annotations
@@ -10,11 +12,13 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 from collections import Counter
 from pathlib import Path
 
 from common.config import ConfigError, FedtuneConfig, load_config
+from common.keyfiles import KeyFileError
 from common.records import DataError, Row, read_rows, string_fields, validate_rows
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_IDENTIFIERS = 0, 1, 2, 3
@@ -28,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.run(args))
-    except (ConfigError, DataError, ValueError) as e:
+    except (ConfigError, DataError, KeyFileError, ValueError, OSError) as e:
         print(f"fedtune-site {args.command}: {e}", file=sys.stderr)
         return EXIT_INVALID
     except KeyboardInterrupt:
@@ -71,11 +75,49 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--metrics", type=Path, help="write the per-epoch metrics here (JSON)")
     train.set_defaults(run=_train)
 
-    for name, issue in (("keygen", 4), ("start", 4)):
-        placeholder = commands.add_parser(
-            name, help=f"not implemented yet: arrives with the deployment issue (#{issue})"
-        )
-        placeholder.set_defaults(run=_not_yet(name, issue))
+    keygen = commands.add_parser(
+        "keygen",
+        help="create the site's key pair (send site.pub to the coordinator)",
+        description="Write HOME/site.key (ECDSA, OpenSSH format, mode 0600; it never leaves "
+        "this machine) and HOME/site.pub, which the coordinator registers. Read the printed "
+        "fingerprint to the coordinator over a second channel.",
+    )
+    _home_arg(keygen)
+    keygen.set_defaults(run=_keygen)
+
+    start = commands.add_parser(
+        "start",
+        help="check the data, then join the federation (runs the SuperNode)",
+        description="Validate --data as `check` does (invalid records, and likely "
+        "identifiers unless --allow-identifiers, stop here), then run flower-supernode in "
+        "the foreground: TLS verified against --ca, authenticated with the site's key, the "
+        "data path given as node config. The data never leaves this machine; only adapter "
+        "updates and numeric metrics go to the coordinator.",
+    )
+    _data_args(start)
+    _home_arg(start)
+    start.add_argument("--superlink", required=True, help="the coordinator's address, HOST:PORT")
+    start.add_argument(
+        "--ca", type=Path, required=True, help="the coordinator's CA certificate (ca.pem)"
+    )
+    start.add_argument("--key", type=Path, help="private key (default: HOME/site.key)")
+    start.add_argument(
+        "--port", type=int, default=9094, help="local port of the SuperNode's runtime API"
+    )
+    start.add_argument("--host", default="127.0.0.1", help="address of the SuperNode's runtime API")
+    start.add_argument(
+        "--isolation",
+        choices=("subprocess", "process"),
+        default="subprocess",
+        help="subprocess: the SuperNode runs the ClientApp itself; process: a separately "
+        "started flower-superexec does (containers)",
+    )
+    start.add_argument(
+        "--allow-identifiers",
+        action="store_true",
+        help="join even when the scan finds likely identifiers (after you have reviewed them)",
+    )
+    start.set_defaults(run=_start)
     return parser
 
 
@@ -85,6 +127,10 @@ def _data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--task", choices=("classification", "causal-lm"), help="shorthand for model.task"
     )
+
+
+def _home_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--home", type=Path, help="the site's directory (default: ~/.fedtune/site)")
 
 
 def _config(args: argparse.Namespace) -> FedtuneConfig:
@@ -200,16 +246,51 @@ def _line(label: str, metrics: dict[str, float], cfg: FedtuneConfig) -> str:
     return f"{label:>12}  {shown}"
 
 
-def _not_yet(name: str, issue: int):
-    def run(args: argparse.Namespace) -> int:
-        print(
-            f"fedtune-site {name}: not implemented yet; it arrives with the deployment "
-            f"issue (#{issue}). Nothing was done.",
-            file=sys.stderr,
-        )
-        return EXIT_USAGE
+def _keygen(args: argparse.Namespace) -> int:
+    from client.identity import check_private_key, generate_identity
+    from client.supernode import site_home
 
-    return run
+    home = site_home(args.home)
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    public = generate_identity(home, comment=f"fedtune-site@{os.uname().nodename}")
+    print(f"private key: {home / 'site.key'} (mode 0600; it never leaves this machine)")
+    print(f"public key:  {public}")
+    print(f"fingerprint: {check_private_key(home / 'site.key')}")
+    print("Send site.pub to the coordinator and read them the fingerprint by phone.")
+    return EXIT_OK
+
+
+def _start(args: argparse.Namespace) -> int:
+    from cryptography import x509
+
+    from client.identity import check_private_key
+    from client.supernode import site_home, supernode_command
+    from common.flower import flower_env
+
+    home = site_home(args.home)
+    key = args.key or home / "site.key"
+    print(f"site key {key}: {check_private_key(key)}")
+    try:
+        x509.load_pem_x509_certificate(args.ca.read_bytes())
+    except ValueError as e:
+        raise ValueError(f"{args.ca}: not a PEM certificate; use the coordinator's ca.pem") from e
+    code = _check(args)
+    if code == EXIT_INVALID:
+        print(f"fedtune-site start: {args.data} is not valid; fix it before joining")
+        return EXIT_INVALID
+    if code == EXIT_IDENTIFIERS and not args.allow_identifiers:
+        print(
+            "fedtune-site start: likely identifiers found; remove or mask them, or review "
+            "them and start again with --allow-identifiers"
+        )
+        return EXIT_IDENTIFIERS
+    command = supernode_command(
+        args.superlink, args.ca, key, args.data, args.port, args.host, args.isolation
+    )
+    flwr_home = home / "flwr-home"
+    flwr_home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    print(f"joining the federation at {args.superlink} (TLS, authenticated)", flush=True)
+    os.execve(command[0], command, flower_env(flwr_home))
 
 
 if __name__ == "__main__":

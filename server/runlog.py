@@ -12,10 +12,12 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common.config import FedtuneConfig
-from server.federation import RoundOutcome
+
+if TYPE_CHECKING:
+    from server.federation import RoundOutcome
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"

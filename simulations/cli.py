@@ -139,14 +139,15 @@ def _add_baseline(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 def _baseline(args: argparse.Namespace) -> int:
     from common.config import ConfigError, load_config
+    from server.submit import app_defaults
     from simulations.baseline import MODES, load_baseline, train_baselines
     from simulations.report import APPROACHES, table
-    from simulations.run import SimulationError, _absolute, _pyproject_config
+    from simulations.run import SimulationError, _absolute
 
     modes = MODES if args.mode == "both" else (args.mode,)
     results = {}
     try:
-        cfg = load_config(_pyproject_config(), args.config)
+        cfg = load_config(app_defaults(), args.config)
         data_dir = _absolute(cfg.simulation.data_dir)
         if not (data_dir / "federation.json").is_file():
             sim = cfg.simulation
@@ -180,16 +181,18 @@ def _baseline(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from common.config import ConfigError
+    from common.flower import FlowerProcessError
     from server.checkpoint import CheckpointError
+    from server.submit import SubmitError
     from simulations.baseline import BaselineError
-    from simulations.run import SimulationError, run_simulation
+    from simulations.run import run_simulation
 
     if args.resume and (args.config or args.sites):
         print("fedtune-sim run: --resume uses the run's own settings; drop --config and --sites")
         return 2
     try:
         out = run_simulation(args.config, args.sites, args.out, args.resume, not args.no_baselines)
-    except (ConfigError, SimulationError, CheckpointError, BaselineError) as e:
+    except (ConfigError, FlowerProcessError, SubmitError, CheckpointError, BaselineError) as e:
         print(f"fedtune-sim run: {e}", file=sys.stderr)
         return 1
     print(f"run outputs in {out}")

@@ -12,30 +12,28 @@ PID afterwards, whatever happened.
 from __future__ import annotations
 
 import json
-import os
-import re
-import shutil
-import socket
 import subprocess
 import sys
-import time
-import tomllib
 from pathlib import Path
 
-from common.config import FedtuneConfig, flatten, load_config
+from common.config import FedtuneConfig, load_config
+from common.flower import (
+    FlowerProcessError,
+    executable,
+    flower_env,
+    free_port,
+    start,
+    stop,
+    wait_for_port,
+)
 from server.runlog import read_run
+from server.submit import app_defaults, config_keys, resume_keys, submit
 from simulations.baseline import load_baselines, train_baselines
 from simulations.report import comparison, score_sites, write_report
 from simulations.synth import DEFAULT_MEAN_RECORDS, write_federation
 
-PROJECT = Path(__file__).resolve().parents[1]
-STARTUP_TIMEOUT = 60.0
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
-HIDDEN = re.compile(r"default simulated SuperNodes changed")  # we always set their number
-SHOWN = re.compile(r"round \d+/\d+ |resuming |run finished|WARNING|ERROR|Traceback|Error:")
 
-
-class SimulationError(RuntimeError):
+class SimulationError(FlowerProcessError):
     """The simulation could not be started or did not finish; the message says why."""
 
 
@@ -49,12 +47,12 @@ def run_simulation(
     """Run (or resume) the federation, score its adapter at every site and, unless told not
     to, train the local-only and centralised baselines it is compared with (reused when
     OUT already holds them for the same settings and data); returns the run directory."""
-    defaults = _pyproject_config()
+    defaults = app_defaults()
     if resume is not None:
-        keys = _resume_keys(resume)
+        keys = resume_keys(resume)
         out = resume.resolve().parent
     else:
-        keys = dict(flatten(tomllib.loads(override.read_text()))) if override else {}
+        keys = config_keys(override)
         if sites is not None:
             keys["simulation.num-sites"] = sites
     cfg = load_config({**defaults, **keys})  # fail on a bad key before anything starts
@@ -62,31 +60,31 @@ def run_simulation(
     data_dir = ensure_federation(cfg)
     keys.update(_absolute_paths(cfg, data_dir, out))
     out.mkdir(parents=True, exist_ok=True)
-    run_config = out / "run-config.toml"
-    run_config.write_text(_run_config_toml(keys))
     home = out / "flwr-home"
     home.mkdir(exist_ok=True)
-    env = _flower_env(home)
+    env = flower_env(
+        home,
+        FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
+        FLWR_LOCAL_CONTROL_API_PORT=str(free_port()),
+    )
     superlink = _start_superlink(home, env)
-    before = set(out.glob("run-*"))
     try:
-        command = [
-            shutil.which("flwr") or "flwr",
-            "run",
-            str(PROJECT),
-            "--stream",
-            "--run-config",
-            str(run_config),
-            "--federation-config",
-            f"num-supernodes={cfg.simulation.num_sites} client-resources-num-cpus=1",
-        ]
-        code = _stream(command, env, out, out / "flwr-run.log")
+        federation = f"num-supernodes={cfg.simulation.num_sites} client-resources-num-cpus=1"
+        submitted = submit(
+            keys,
+            env,
+            out,
+            options=["--federation-config", federation],
+            show=lambda line: print(line, flush=True),
+        )
     finally:
-        _stop(superlink)
-    run_dir = resume.resolve() if resume is not None else _new_run_dir(out, before)
+        stop(superlink)
+    run_dir = resume.resolve() if resume is not None else None
+    if run_dir is None and submitted.run_id is not None:
+        run_dir = out / f"run-{submitted.run_id}"
     record = read_run(run_dir) if run_dir else {}
-    if code != 0 or record.get("status") != "completed":
-        why = record.get("error") or f"flwr run exited with code {code}"
+    if submitted.code != 0 or record.get("status") != "completed":
+        why = record.get("error") or f"flwr run exited with code {submitted.code}"
         raise SimulationError(f"the run failed: {why}; full log: {out / 'flwr-run.log'}")
     assert run_dir is not None
     final = load_config({**defaults, **keys})
@@ -105,23 +103,6 @@ def run_simulation(
     print("\n".join(comparison(scores, baselines, command)))
     print(f"\nreport: {report}")
     return run_dir
-
-
-def _stream(command: list[str], env: dict[str, str], cwd: Path, log: Path) -> int:
-    """Run `flwr run`, keep its whole output in `log`, and show only our progress lines,
-    warnings and errors (Flower logs several lines per round on its own)."""
-    with log.open("w") as keep:
-        process = subprocess.Popen(
-            command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        assert process.stdout is not None
-        for line in process.stdout:
-            keep.write(line)
-            keep.flush()
-            plain = ANSI.sub("", line).rstrip()
-            if SHOWN.search(plain) and not HIDDEN.search(plain):
-                print(plain.split(":", 1)[-1].strip() if "INFO" in plain else plain, flush=True)
-        return process.wait()
 
 
 def ensure_federation(cfg: FedtuneConfig) -> Path:
@@ -161,30 +142,6 @@ def ensure_federation(cfg: FedtuneConfig) -> Path:
     return data_dir
 
 
-def _resume_keys(run_dir: Path) -> dict[str, object]:
-    """The settings of the run to resume, from its run.json, plus the resume key."""
-    record = read_run(run_dir)
-    if not record:
-        raise SimulationError(f"{run_dir}: run.json missing; not a fedtune run directory")
-    return {**record["config"], "federation.resume": str(run_dir.resolve())}
-
-
-def _new_run_dir(out: Path, before: set[Path]) -> Path | None:
-    made = sorted(set(out.glob("run-*")) - before, key=lambda p: p.stat().st_mtime)
-    return made[-1] if made else None
-
-
-def _pyproject_config() -> dict[str, object]:
-    pyproject = PROJECT / "pyproject.toml"
-    if not pyproject.is_file():
-        raise SimulationError(
-            f"{pyproject} not found: run the simulation from a source checkout "
-            "(pip install -e .), where the Flower app lives"
-        )
-    with pyproject.open("rb") as f:
-        return flatten(tomllib.load(f)["tool"]["flwr"]["app"]["config"])
-
-
 def _absolute(path: str) -> Path:
     return Path(path).expanduser().resolve()
 
@@ -203,99 +160,28 @@ def _absolute_paths(cfg: FedtuneConfig, data_dir: Path, out: Path) -> dict[str, 
     return keys
 
 
-def _run_config_toml(keys: dict[str, object]) -> str:
-    """The settings handed to `flwr run`, as a TOML file."""
-    lines = [f"{k} = {_toml_value(v)}" for k, v in keys.items()]
-    return "# written by fedtune-sim run\n" + "\n".join(lines) + "\n"
-
-
-def _toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def _flower_env(home: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        {
-            "FLWR_HOME": str(home),
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
-            "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
-            "HF_HUB_OFFLINE": "1",
-        }
-    )
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _start_superlink(home: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
     """Start the local simulation SuperLink that `flwr run` expects, so that we hold its PID."""
-    control = env["FLWR_LOCAL_CONTROL_API_PORT"]
     port = int(env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"])  # Fleet, Control and Runtime APIs
     log = home / "superlink.log"
     command = [
-        shutil.which("flower-superlink") or "flower-superlink",
+        executable("flower-superlink"),
         "--insecure",
         "--simulation",
         "--isolation",
         "subprocess",
         "--control-api-address",
-        f"127.0.0.1:{control}",
+        f"127.0.0.1:{env['FLWR_LOCAL_CONTROL_API_PORT']}",
         "--host",
         "127.0.0.1",
         "--port",
-        env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"],
+        str(port),
         "--database",
         str(home / "state.db"),
-        "--log-file",
-        str(log),
     ]
-    process = subprocess.Popen(
-        command,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SimulationError(
-                f"flower-superlink exited with code {process.returncode}; see {log}"
-            )
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return process
-        time.sleep(0.5)
-    _stop(process)
-    raise SimulationError(
-        f"flower-superlink did not start within {STARTUP_TIMEOUT:.0f} s; see {log}"
-    )
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    """Stop the SuperLink (and the process group it leads) by PID."""
-    if process.poll() is not None:
-        return
-    try:
-        os.killpg(process.pid, 15)
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, 9)
-        process.wait()
-    except ProcessLookupError:
-        pass
+    process = start(command, env, log)
+    wait_for_port(process, port, "flower-superlink", log)
+    return process
 
 
 if __name__ == "__main__":

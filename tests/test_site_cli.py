@@ -1,8 +1,10 @@
-"""`fedtune-site check` and `train` end to end, as an operator runs them."""
+"""`fedtune-site check`, `train`, `keygen` and `start` end to end, as an operator runs them."""
 
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -106,6 +108,92 @@ def test_train_writes_adapter_and_metrics(
     assert adapter_config.r == 4 and any("classifier" in k for k in state)
 
 
-def test_placeholders_say_so(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["start"]) == 2
-    assert "not implemented yet" in capsys.readouterr().err
+def test_keygen_writes_an_owner_only_key_and_never_overwrites_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    home = tmp_path / "site"
+    assert main(["keygen", "--home", str(home)]) == EXIT_OK
+    assert stat.S_IMODE((home / "site.key").stat().st_mode) == 0o600
+    assert (home / "site.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
+    assert "fingerprint: SHA256:" in capsys.readouterr().out
+    key = (home / "site.key").read_bytes()
+    assert main(["keygen", "--home", str(home)]) == EXIT_INVALID
+    assert "already exists" in capsys.readouterr().err
+    assert (home / "site.key").read_bytes() == key
+
+
+@pytest.fixture
+def joining(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """A site with a key and the coordinator's CA; os.execve records the SuperNode command
+    instead of replacing the test process."""
+    from server.pki import create_ca
+
+    home = tmp_path / "site"
+    assert main(["keygen", "--home", str(home)]) == EXIT_OK
+    ca = create_ca(tmp_path / "tls", "test CA")
+    started: dict = {}
+
+    def execve(path: str, argv: list[str], env: dict[str, str]) -> None:
+        started.update(argv=argv, env=env)
+        raise SystemExit(0)  # what the real one never returns from
+
+    monkeypatch.setattr(os, "execve", execve)
+    args = ["start", "--home", str(home), "--superlink", "127.0.0.1:9", "--ca", str(ca)]
+    return {"home": home, "args": args, "started": started}
+
+
+def test_start_runs_an_authenticated_tls_supernode_with_the_data_path_as_node_config(
+    tmp_path: Path, joining: dict
+) -> None:
+    data = write_jsonl(tmp_path / "notes.jsonl", _notes(20))
+    with pytest.raises(SystemExit):
+        main([*joining["args"], "--data", str(data)])
+    argv = joining["started"]["argv"]
+    assert Path(argv[0]).name == "flower-supernode" and "--insecure" not in argv
+    flag = dict(zip(argv[1::2], argv[2::2], strict=False))
+    assert flag["--superlink"] == "127.0.0.1:9"
+    assert flag["--auth-supernode-private-key"] == str(joining["home"] / "site.key")
+    assert flag["--root-certificates"].endswith("ca.pem")
+    assert flag["--node-config"] == f'data-path="{data.resolve()}"'
+    env = joining["started"]["env"]
+    assert env["FLWR_HOME"] == str(joining["home"] / "flwr-home")
+    assert env["FLWR_TELEMETRY_ENABLED"] == "0" and env["HF_HUB_OFFLINE"] == "1"
+
+
+def test_start_refuses_invalid_data_before_joining(
+    tmp_path: Path, joining: dict, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = _notes(20)
+    rows[4]["label"] = 7
+    data = write_jsonl(tmp_path / "notes.jsonl", rows)
+    assert main([*joining["args"], "--data", str(data)]) == EXIT_INVALID
+    assert not joining["started"]
+    assert 'notes.jsonl:line 5: "label" must be one of 0, 1; got 7' in capsys.readouterr().out
+
+
+def test_start_refuses_likely_identifiers_unless_allowed(tmp_path: Path, joining: dict) -> None:
+    rows = _notes(20)
+    rows[3]["text"] += " " + PLANTED["phone"]
+    data = write_jsonl(tmp_path / "notes.jsonl", rows)
+    assert main([*joining["args"], "--data", str(data)]) == EXIT_IDENTIFIERS
+    assert not joining["started"]
+    with pytest.raises(SystemExit):
+        main([*joining["args"], "--data", str(data), "--allow-identifiers"])
+    assert joining["started"]
+
+
+def test_start_refuses_a_key_others_can_read_and_a_ca_that_is_not_a_certificate(
+    tmp_path: Path, joining: dict, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = write_jsonl(tmp_path / "notes.jsonl", _notes(20))
+    key = joining["home"] / "site.key"
+    key.chmod(0o644)
+    assert main([*joining["args"], "--data", str(data)]) == EXIT_INVALID
+    assert f"chmod 600 {key}" in capsys.readouterr().err
+    key.chmod(0o600)
+    not_a_cert = tmp_path / "ca.pem"
+    not_a_cert.write_text("hello\n")
+    args = [*joining["args"][:-1], str(not_a_cert), "--data", str(data)]
+    assert main(args) == EXIT_INVALID
+    assert "not a PEM certificate" in capsys.readouterr().err
+    assert not joining["started"]
