@@ -1,0 +1,219 @@
+"""A real deployment on 127.0.0.1: a SuperLink with TLS and site authentication started by
+`fedtune-server start`, three hospitals joining with `fedtune-site start`, runs submitted
+with `fedtune-server run`, and a coordinator killed with SIGKILL mid-run and resumed. Every
+process is started here and stopped by PID."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from processes import kill_tree, stop_tree
+
+from client.cli import main as site_main
+from common.flower import executable, flower_env, free_port, wait_for_port
+from server.checkpoint import latest_checkpoint, read_checkpoint
+from server.cli import main as server_main
+from server.sites import list_sites
+from server.superlink import CoordinatorHome
+from simulations.synth import write_federation
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+@dataclass
+class Federation:
+    """The coordinator and the sites of one test module, with the processes it started."""
+
+    root: Path
+    home: CoordinatorHome
+    port: int
+    data: Path
+    superlink: subprocess.Popen[bytes] | None = None
+    sites: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def start_superlink(self) -> None:
+        log = self.root / "superlink.out"
+        with log.open("ab") as out:
+            self.superlink = subprocess.Popen(
+                [str(BIN / "fedtune-server"), "start", "--home", str(self.home.root),
+                 "--port", str(self.port)],
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        wait_for_port(self.superlink, self.port, "fedtune-server start", log)
+
+    def start_site(self, name: str, number: int, extra: tuple[str, ...] = ()) -> subprocess.Popen:
+        with (self.root / f"{name}.out").open("ab") as out:
+            site = subprocess.Popen(
+                [str(BIN / "fedtune-site"), "start", "--home", str(self.root / name),
+                 "--superlink", f"127.0.0.1:{self.port}", "--ca", str(self.home.tls.ca),
+                 "--data", str(self.data / f"site-{number}" / "train.jsonl"),
+                 "--port", str(free_port()), *extra],
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        self.sites.append(site)
+        return site
+
+    def wait_online(self, count: int, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if sum(s.status == "online" for s in list_sites(self.home)) >= count:
+                return
+            time.sleep(1.0)
+        raise AssertionError(f"fewer than {count} sites online after {timeout:.0f} s")
+
+    def server(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(BIN / "fedtune-server"), *args, "--home", str(self.home.root)],
+            capture_output=True, text=True, timeout=timeout,
+        )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def federation(
+    tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path
+) -> Iterator[Federation]:
+    root = tmp_path_factory.mktemp("deployment")
+    write_federation(root / "data", num_sites=3, seed=0, records_per_site=40, heterogeneity=1.0)
+    fed = Federation(root, CoordinatorHome.at(root / "coordinator"), free_port(), root / "data")
+    (root / "experiment.toml").write_text(
+        f'[model]\npath = "{tiny_bert_dir}"\n'
+        "[federation]\nrounds = 2\nmin-sites = 3\nconnect-timeout = 120.0\n"
+        "[train]\nnum-threads = 1\n"
+    )
+    assert server_main(["ca", "--home", str(fed.home.root), "--hosts", "localhost"]) == 0
+    try:
+        fed.start_superlink()
+        for n in (1, 2, 3):
+            assert site_main(["keygen", "--home", str(root / f"site-{n}")]) == 0
+            public = str(root / f"site-{n}" / "site.pub")
+            assert server_main(["register", public, "--name", f"site-{n}",
+                                "--home", str(fed.home.root)]) == 0  # fmt: skip
+            fed.start_site(f"site-{n}", n)
+        fed.wait_online(3)
+        yield fed
+    finally:
+        for process in [*fed.sites, fed.superlink]:
+            if process is not None:
+                stop_tree(process.pid)
+                process.wait()
+
+
+def test_private_keys_are_owner_only(federation: Federation) -> None:
+    tls = federation.home.tls.directory
+    for key in (tls / "ca.key", tls / "server.key", federation.root / "site-1" / "site.key"):
+        assert oct(key.stat().st_mode & 0o777) == oct(0o600), key
+    assert oct(federation.home.root.stat().st_mode & 0o777) == oct(0o700)
+
+
+def test_a_site_with_an_unregistered_key_is_refused(federation: Federation) -> None:
+    assert site_main(["keygen", "--home", str(federation.root / "rogue")]) == 0
+    rogue = federation.start_site("rogue", 1)
+    federation.sites.remove(rogue)
+    try:
+        code = rogue.wait(timeout=120)
+    finally:
+        stop_tree(rogue.pid)
+    assert code != 0
+    assert "Failed to activate SuperNode" in (federation.root / "rogue.out").read_text()
+    assert len(list_sites(federation.home)) == 3  # it never became a node
+
+
+def test_a_plaintext_connection_is_refused(federation: Federation) -> None:
+    # A SuperNode that will not use TLS never gets a session: it retries, unanswered ...
+    log = federation.root / "plain.out"
+    with log.open("wb") as out:
+        plain = subprocess.Popen(
+            [executable("flower-supernode"), "--insecure", "--superlink",
+             f"127.0.0.1:{federation.port}", "--port", str(free_port()),
+             "--node-config", 'data-path="/nonexistent"'],
+            env=flower_env(federation.root / "plain-flwr-home"),
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while log.read_text().count("Connection attempt failed") < 2:
+            assert time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(1.0)
+        assert len(list_sites(federation.home)) == 3  # no new node appeared
+    finally:
+        stop_tree(plain.pid)
+        plain.wait()
+    # ... and no plain HTTP request gets an answer: the port speaks TLS only.
+    connection = http.client.HTTPConnection("127.0.0.1", federation.port, timeout=10)
+    with pytest.raises((http.client.HTTPException, ConnectionError)):
+        connection.request("POST", "/v1/fleet/activate-node", body=b"{}")
+        connection.getresponse()
+    connection.close()
+
+
+def test_three_sites_run_two_rounds_over_tls(federation: Federation) -> None:
+    done = federation.server("run", "--config", str(federation.root / "experiment.toml"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "round 2/2  3/3 sites" in done.stdout
+    (run_dir,) = federation.home.runs.glob("run-*")
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "completed"
+    latest = latest_checkpoint(run_dir)
+    assert latest is not None and read_checkpoint(latest).round == 2
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["sites-ok"] for r in rows] == [3, 3]
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    # The sites' data paths are node config: they never reach the coordinator.
+    for stored in [federation.home.database, *run_dir.rglob("*.json*")]:
+        assert str(federation.data).encode() not in stored.read_bytes(), stored
+    listing = federation.server("runs")
+    assert f"{run_dir.name}" in listing.stdout and "completed" in listing.stdout
+
+
+def test_a_coordinator_killed_mid_run_resumes_from_its_checkpoint(
+    federation: Federation,
+) -> None:
+    config = federation.root / "three-rounds.toml"
+    config.write_text(
+        (federation.root / "experiment.toml").read_text().replace("rounds = 2", "rounds = 3")
+    )
+    before = set(federation.home.runs.glob("run-*"))
+    with (federation.root / "killed-run.out").open("w") as out:
+        submitted = subprocess.Popen(
+            [str(BIN / "fedtune-server"), "run", "--home", str(federation.home.root),
+             "--config", str(config)],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        run_dir = _wait_for_round(federation, before, 1)
+        assert federation.superlink is not None
+        kill_tree(federation.superlink.pid)  # the coordinator's machine dies, children too
+        federation.superlink.wait()
+        assert submitted.wait(timeout=120) != 0
+    finally:
+        stop_tree(submitted.pid)
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "running"
+    federation.start_superlink()  # same home: same state database, same registered sites
+    federation.wait_online(3)
+    done = federation.server("resume", str(run_dir))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "completed" and len(record["flower-run-ids"]) == 2
+    assert record["resumed-after-rounds"][0] >= 1
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert all(r["sites-ok"] == 3 for r in rows)
+
+
+def _wait_for_round(federation: Federation, before: set[Path], round_: int) -> Path:
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        for run_dir in set(federation.home.runs.glob("run-*")) - before:
+            latest = latest_checkpoint(run_dir)
+            if latest is not None and read_checkpoint(latest).round >= round_:
+                return run_dir
+        time.sleep(1.0)
+    raise AssertionError(f"no new run reached round {round_}; see {federation.root}")
