@@ -1,35 +1,44 @@
 """The Flower ClientApp (`[tool.flwr.app.components] clientapp`): glue only.
 
-Each handler unpacks the message, calls `client.rounds`, and packs a reply holding the
-adapter and numeric metrics, nothing else; server/app.py drives it.
+Each handler unpacks the message into a `Task`, has it carried out, and packs a reply
+holding the adapter and numeric metrics, nothing else; server/app.py drives it. The work is
+done by the site's warm worker when the node config names one (`worker-socket`, set by
+`fedtune-site start`), otherwise in this process (simulation, or a site without a worker).
+This module imports no torch, so a ClientApp process that forwards to the worker starts in
+the time it takes to import Flower.
 """
 
 from __future__ import annotations
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+import logging
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.rounds import evaluate_round, site_data_path, train_round
-from common.config import FedtuneConfig, load_config
-from common.wire import from_record, to_record
+from client.task import Result, Task
 
+log = logging.getLogger(__name__)
 app = ClientApp()
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received global adapter on this site's data; reply with the new adapter."""
-    cfg = load_config(context.run_config)
     config = _config_record(msg)
-    state, metrics = train_round(
-        cfg,
-        site_data_path(context.node_config, cfg),
-        from_record(msg.content["arrays"]),
+    task = Task(
+        "train",
+        dict(context.run_config),
+        _arrays(msg),
         server_round=int(config.get("server-round", 1)),
         proximal_mu=float(config.get("proximal-mu", 0.0)),
     )
-    arrays = to_record(state, cfg.federation.wire_dtype)
-    metrics["bytes-up"] = arrays.count_bytes()
+    result = _carry_out(task, context)
+    arrays = ArrayRecord(
+        array_dict={k: Array(np.ascontiguousarray(a)) for k, a in result.arrays.items()}
+    )
+    metrics = {**result.metrics, "bytes-up": arrays.count_bytes()}
     content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
 
@@ -37,12 +46,33 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the received global adapter on this site's validation (or test) split."""
-    cfg: FedtuneConfig = load_config(context.run_config)
     split = str(_config_record(msg).get("split", "val"))
-    metrics = evaluate_round(
-        cfg, site_data_path(context.node_config, cfg), from_record(msg.content["arrays"]), split
-    )
+    task = Task("evaluate", dict(context.run_config), _arrays(msg), split=split)
+    metrics = _carry_out(task, context).metrics
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+def _carry_out(task: Task, context: Context) -> Result:
+    """By the warm worker when there is one, else here (the same code either way)."""
+    worker = context.node_config.get("worker-socket")
+    if worker:
+        from client.worker import WorkerUnavailable, ask
+
+        try:
+            return ask(Path(str(worker)), task)
+        except WorkerUnavailable:
+            log.warning("no worker on %s; training in the ClientApp process instead", worker)
+    from client.rounds import perform, site_data_path
+    from common.config import load_config
+
+    cfg = load_config(task.run_config)
+    return perform(task, site_data_path(context.node_config, cfg))
+
+
+def _arrays(msg: Message) -> dict[str, np.ndarray]:
+    record = msg.content["arrays"]
+    assert isinstance(record, ArrayRecord)
+    return {key: record[key].numpy() for key in record}
 
 
 def _config_record(msg: Message) -> ConfigRecord:

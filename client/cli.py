@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -111,6 +112,20 @@ def _parser() -> argparse.ArgumentParser:
         default="subprocess",
         help="subprocess: the SuperNode runs the ClientApp itself; process: a separately "
         "started flower-superexec does (containers)",
+    )
+    start.add_argument(
+        "--worker",
+        choices=("start", "none"),
+        default="start",
+        help="start: a warm worker keeps torch, the model and the data loaded across rounds "
+        "(default; the ClientApp process Flower starts per message only forwards to it); "
+        "none: every message's ClientApp process loads everything itself",
+    )
+    start.add_argument(
+        "--worker-socket",
+        type=Path,
+        help="socket of a worker started separately with `python -m client.worker` "
+        "(containers); default: HOME/run/worker.sock",
     )
     start.add_argument(
         "--allow-identifiers",
@@ -264,7 +279,7 @@ def _start(args: argparse.Namespace) -> int:
     from cryptography import x509
 
     from client.identity import check_private_key
-    from client.supernode import site_home, supernode_command
+    from client.supernode import site_home, supernode_command, worker_command
     from common.flower import flower_env
 
     home = site_home(args.home)
@@ -284,8 +299,25 @@ def _start(args: argparse.Namespace) -> int:
             "them and start again with --allow-identifiers"
         )
         return EXIT_IDENTIFIERS
+    socket_path = None if args.worker == "none" else args.worker_socket
+    if args.worker == "start" and socket_path is None:
+        socket_path = home / "run" / "worker.sock"
+        command = worker_command(socket_path, args.data, parent=os.getpid())
+        log_path = home / "logs" / "worker.log"
+        log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with log_path.open("ab") as worker_log:
+            # It outlives this exec as the SuperNode's child and exits when the SuperNode does.
+            subprocess.Popen(command, stdout=worker_log, stderr=subprocess.STDOUT)
+        print(f"warm worker starting; its log: {log_path}")
     command = supernode_command(
-        args.superlink, args.ca, key, args.data, args.port, args.host, args.isolation
+        args.superlink,
+        args.ca,
+        key,
+        args.data,
+        args.port,
+        args.host,
+        args.isolation,
+        socket_path,
     )
     flwr_home = home / "flwr-home"
     flwr_home.mkdir(mode=0o700, parents=True, exist_ok=True)

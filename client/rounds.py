@@ -11,13 +11,19 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from client.dataset import load_site
+from client.task import Metrics, Result, Task
 from client.train import schedule_over, train_local
-from common.adapter import AdapterState, get_adapter_state, set_adapter_state
-from common.config import FedtuneConfig
+from common.adapter import (
+    AdapterState,
+    from_wire,
+    get_adapter_state,
+    set_adapter_state,
+    to_wire,
+)
+from common.config import FedtuneConfig, load_config
 from common.evaluation import evaluate
 from common.model import build_model, set_threads
 
-Metrics = dict[str, int | float]
 SPLITS = ("val", "test")
 
 
@@ -84,3 +90,16 @@ def evaluate_round(
     metrics["num-examples"] = len(data)
     metrics["eval-seconds"] = time.perf_counter() - started
     return metrics
+
+
+def perform(task: Task, data_path: Path) -> Result:
+    """Carry out one message's task on this site's data, in NumPy terms on both sides, so
+    the ClientApp and the warm worker (client/worker.py) run exactly the same code."""
+    cfg = load_config(task.run_config)
+    adapter = from_wire(task.arrays)
+    if task.op == "train":
+        state, metrics = train_round(
+            cfg, data_path, adapter, task.server_round, proximal_mu=task.proximal_mu
+        )
+        return Result(to_wire(state, cfg.federation.wire_dtype), metrics)
+    return Result({}, evaluate_round(cfg, data_path, adapter, task.split))

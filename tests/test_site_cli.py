@@ -146,18 +146,23 @@ def test_start_runs_an_authenticated_tls_supernode_with_the_data_path_as_node_co
     tmp_path: Path, joining: dict
 ) -> None:
     data = write_jsonl(tmp_path / "notes.jsonl", _notes(20))
+    worker = tmp_path / "worker.sock"  # a worker started separately: none is spawned here
     with pytest.raises(SystemExit):
-        main([*joining["args"], "--data", str(data)])
+        main([*joining["args"], "--data", str(data), "--worker-socket", str(worker)])
     argv = joining["started"]["argv"]
     assert Path(argv[0]).name == "flower-supernode" and "--insecure" not in argv
     flag = dict(zip(argv[1::2], argv[2::2], strict=False))
     assert flag["--superlink"] == "127.0.0.1:9"
     assert flag["--auth-supernode-private-key"] == str(joining["home"] / "site.key")
     assert flag["--root-certificates"].endswith("ca.pem")
-    assert flag["--node-config"] == f'data-path="{data.resolve()}"'
+    assert flag["--node-config"] == f'data-path="{data.resolve()}" worker-socket="{worker}"'
     env = joining["started"]["env"]
     assert env["FLWR_HOME"] == str(joining["home"] / "flwr-home")
     assert env["FLWR_TELEMETRY_ENABLED"] == "0" and env["HF_HUB_OFFLINE"] == "1"
+    with pytest.raises(SystemExit):
+        main([*joining["args"], "--data", str(data), "--worker", "none"])
+    argv = joining["started"]["argv"]
+    assert argv[argv.index("--node-config") + 1] == f'data-path="{data.resolve()}"'
 
 
 def test_start_refuses_invalid_data_before_joining(
@@ -178,7 +183,7 @@ def test_start_refuses_likely_identifiers_unless_allowed(tmp_path: Path, joining
     assert main([*joining["args"], "--data", str(data)]) == EXIT_IDENTIFIERS
     assert not joining["started"]
     with pytest.raises(SystemExit):
-        main([*joining["args"], "--data", str(data), "--allow-identifiers"])
+        main([*joining["args"], "--data", str(data), "--allow-identifiers", "--worker", "none"])
     assert joining["started"]
 
 
