@@ -8,114 +8,50 @@ from __future__ import annotations
 import http.client
 import json
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from processes import kill_tree, stop_tree
 
-from client.cli import main as site_main
-from common.flower import executable, flower_env, free_port, wait_for_port
+from common.flower import executable, flower_env, free_port
 from server.checkpoint import latest_checkpoint, read_checkpoint
-from server.cli import main as server_main
 from server.sites import list_sites
-from server.superlink import CoordinatorHome
+from simulations.localdeploy import BIN, LocalDeployment
+from simulations.processes import kill_tree, stop_tree
 from simulations.synth import write_federation
 
 pytestmark = pytest.mark.slow
-BIN = Path(sys.executable).parent
-
-
-@dataclass
-class Federation:
-    """The coordinator and the sites of one test module, with the processes it started."""
-
-    root: Path
-    home: CoordinatorHome
-    port: int
-    data: Path
-    superlink: subprocess.Popen[bytes] | None = None
-    sites: list[subprocess.Popen[bytes]] = field(default_factory=list)
-
-    def start_superlink(self) -> None:
-        log = self.root / "superlink.out"
-        with log.open("ab") as out:
-            self.superlink = subprocess.Popen(
-                [str(BIN / "fedtune-server"), "start", "--home", str(self.home.root),
-                 "--port", str(self.port)],
-                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
-        wait_for_port(self.superlink, self.port, "fedtune-server start", log)
-
-    def start_site(self, name: str, number: int, extra: tuple[str, ...] = ()) -> subprocess.Popen:
-        with (self.root / f"{name}.out").open("ab") as out:
-            site = subprocess.Popen(
-                [str(BIN / "fedtune-site"), "start", "--home", str(self.root / name),
-                 "--superlink", f"127.0.0.1:{self.port}", "--ca", str(self.home.tls.ca),
-                 "--data", str(self.data / f"site-{number}" / "train.jsonl"),
-                 "--port", str(free_port()), *extra],
-                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
-        self.sites.append(site)
-        return site
-
-    def wait_online(self, count: int, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if sum(s.status == "online" for s in list_sites(self.home)) >= count:
-                return
-            time.sleep(1.0)
-        raise AssertionError(f"fewer than {count} sites online after {timeout:.0f} s")
-
-    def server(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [str(BIN / "fedtune-server"), *args, "--home", str(self.home.root)],
-            capture_output=True, text=True, timeout=timeout,
-        )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def federation(
     tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path
-) -> Iterator[Federation]:
+) -> Iterator[LocalDeployment]:
     root = tmp_path_factory.mktemp("deployment")
     write_federation(root / "data", num_sites=3, seed=0, records_per_site=40, heterogeneity=1.0)
-    fed = Federation(root, CoordinatorHome.at(root / "coordinator"), free_port(), root / "data")
     (root / "experiment.toml").write_text(
         f'[model]\npath = "{tiny_bert_dir}"\n'
         "[federation]\nrounds = 2\nmin-sites = 3\nconnect-timeout = 120.0\n"
         "[train]\nnum-threads = 1\n"
     )
-    assert server_main(["ca", "--home", str(fed.home.root), "--hosts", "localhost"]) == 0
+    deployment = LocalDeployment(root, root / "data")
     try:
-        fed.start_superlink()
-        for n in (1, 2, 3):
-            assert site_main(["keygen", "--home", str(root / f"site-{n}")]) == 0
-            public = str(root / f"site-{n}" / "site.pub")
-            assert server_main(["register", public, "--name", f"site-{n}",
-                                "--home", str(fed.home.root)]) == 0  # fmt: skip
-            fed.start_site(f"site-{n}", n)
-        fed.wait_online(3)
-        yield fed
+        deployment.create(sites=3)
+        yield deployment
     finally:
-        for process in [*fed.sites, fed.superlink]:
-            if process is not None:
-                stop_tree(process.pid)
-                process.wait()
+        deployment.stop()
 
 
-def test_private_keys_are_owner_only(federation: Federation) -> None:
+def test_private_keys_are_owner_only(federation: LocalDeployment) -> None:
     tls = federation.home.tls.directory
     for key in (tls / "ca.key", tls / "server.key", federation.root / "site-1" / "site.key"):
         assert oct(key.stat().st_mode & 0o777) == oct(0o600), key
     assert oct(federation.home.root.stat().st_mode & 0o777) == oct(0o700)
 
 
-def test_a_site_with_an_unregistered_key_is_refused(federation: Federation) -> None:
-    assert site_main(["keygen", "--home", str(federation.root / "rogue")]) == 0
+def test_a_site_with_an_unregistered_key_is_refused(federation: LocalDeployment) -> None:
+    federation.command("fedtune-site", "keygen", "--home", str(federation.root / "rogue"))
     rogue = federation.start_site("rogue", 1)
     federation.sites.remove(rogue)
     try:
@@ -127,7 +63,7 @@ def test_a_site_with_an_unregistered_key_is_refused(federation: Federation) -> N
     assert len(list_sites(federation.home)) == 3  # it never became a node
 
 
-def test_a_plaintext_connection_is_refused(federation: Federation) -> None:
+def test_a_plaintext_connection_is_refused(federation: LocalDeployment) -> None:
     # A SuperNode that will not use TLS never gets a session: it retries, unanswered ...
     log = federation.root / "plain.out"
     with log.open("wb") as out:
@@ -155,7 +91,7 @@ def test_a_plaintext_connection_is_refused(federation: Federation) -> None:
     connection.close()
 
 
-def test_three_sites_run_two_rounds_over_tls(federation: Federation) -> None:
+def test_three_sites_run_two_rounds_over_tls(federation: LocalDeployment) -> None:
     done = federation.server("run", "--config", str(federation.root / "experiment.toml"))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "round 2/2  3/3 sites" in done.stdout
@@ -174,7 +110,7 @@ def test_three_sites_run_two_rounds_over_tls(federation: Federation) -> None:
 
 
 def test_a_coordinator_killed_mid_run_resumes_from_its_checkpoint(
-    federation: Federation,
+    federation: LocalDeployment,
 ) -> None:
     config = federation.root / "three-rounds.toml"
     config.write_text(
@@ -208,7 +144,7 @@ def test_a_coordinator_killed_mid_run_resumes_from_its_checkpoint(
     assert all(r["sites-ok"] == 3 for r in rows)
 
 
-def _wait_for_round(federation: Federation, before: set[Path], round_: int) -> Path:
+def _wait_for_round(federation: LocalDeployment, before: set[Path], round_: int) -> Path:
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         for run_dir in set(federation.home.runs.glob("run-*")) - before:

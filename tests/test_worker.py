@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from processes import stop_tree
 from test_client_app import _context, _global, _message
 
 from client import worker
 from client.app import evaluate, train
 from common.wire import from_record, to_record
+from simulations.processes import stop_tree
 
 
 @pytest.fixture

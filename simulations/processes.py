@@ -1,4 +1,4 @@
-"""Finding and stopping the processes a test started, by PID (never by name): Flower's
+"""Finding and stopping the processes we started, by PID (never by name): Flower's
 commands start children in sessions of their own, so a process group is not enough."""
 
 from __future__ import annotations
