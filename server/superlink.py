@@ -15,6 +15,7 @@ and telemetry off), and the connection the operator's `flwr` commands use.
 from __future__ import annotations
 
 import ipaddress
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,7 +75,8 @@ class CoordinatorHome:
         """Create the home, readable by its owner only: runs hold adapters trained on
         patient records, and the state database the sites' keys."""
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.root.chmod(0o700)
+        if self.root.stat().st_uid == os.getuid():  # a mounted volume may belong to root
+            self.root.chmod(0o700)
 
     def env(self) -> dict[str, str]:
         """The environment of every Flower command run for this coordinator."""
