@@ -82,7 +82,10 @@ def ask(socket_path: Path, task: Task) -> Result:
         try:
             connection.connect(str(socket_path))
             break
-        except (FileNotFoundError, ConnectionRefusedError) as e:
+        except ConnectionRefusedError as e:  # a socket left by a worker that died
+            connection.close()
+            raise WorkerUnavailable(f"the worker on {socket_path} is gone") from e
+        except FileNotFoundError as e:  # not there yet: a worker still importing torch
             connection.close()
             if time.monotonic() >= deadline:
                 raise WorkerUnavailable(f"no worker on {socket_path}") from e

@@ -28,7 +28,7 @@ from typing import Any
 FORWARD = "import client.app, client.worker"
 LOAD = (
     "from pathlib import Path; from client.rounds import load_site, build_model; "
-    "from common.config import load_config; cfg = load_config({}); build_model(cfg); "
+    "from common.config import load_config; cfg = load_config(dict()); build_model(cfg); "
     "load_site(Path({data!r}), cfg)"
 )
 

@@ -89,7 +89,7 @@ def run_simulation(
     assert run_dir is not None
     final = load_config({**defaults, **keys})
     scores = score_sites(run_dir / "adapter", final, data_dir)
-    command = "fedtune-sim baseline --mode both" + (f" --config {override}" if override else "")
+    command = "fedtune-sim baseline" + (f" --config {override}" if override else "")
     command += f" --out {out}"
     baselines = load_baselines(out, final, data_dir)
     if with_baselines:

@@ -4,6 +4,7 @@ with its SuperNode."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ from test_client_app import _context, _global, _message
 
 from client import worker
 from client.app import evaluate, train
+from client.task import Task
 from common.wire import from_record, to_record
 from simulations.processes import stop_tree
 
@@ -116,3 +118,20 @@ def test_the_worker_exits_when_its_supernode_does(tmp_path: Path, text_file: Pat
             time.sleep(0.2)
     finally:
         stop_tree(pid)
+
+
+def test_a_dead_workers_socket_is_passed_over_at_once(
+    run_config, text_file: Path, tmp_path: Path
+) -> None:
+    stale = tmp_path / "worker.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as gone:
+        gone.bind(str(stale))  # the file stays; nothing listens: a worker that was killed
+    started = time.monotonic()
+    with pytest.raises(worker.WorkerUnavailable, match="gone"):
+        worker.ask(stale, Task("evaluate", run_config, {}))
+    assert time.monotonic() - started < worker.CONNECT_TIMEOUT / 10
+    reply = evaluate(
+        _message("evaluate", to_record(_global(run_config))),
+        _with_worker(run_config, text_file, stale),
+    )
+    assert reply.content["metrics"]["num-examples"] > 0
