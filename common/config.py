@@ -220,6 +220,18 @@ class FederationSettings(_Section):
     """Run directory of an interrupted run to continue from its last good checkpoint; the
     run's settings must be unchanged. Empty: start a new run."""
 
+    max_update_norm: float = Field(0.0, ge=0)
+    """Drop a site's update whose L2 distance from the global adapter exceeds this; 0: no
+    absolute bound."""
+
+    max_update_norm_ratio: float = Field(10.0, ge=0)
+    """Drop a site's update whose L2 distance from the global adapter exceeds this multiple
+    of the round's median distance (a scaled or runaway update); 0: off. Needs 3 or more
+    updates in the round to apply."""
+
+    max_examples: int = Field(10_000_000, ge=1)
+    """Drop an update whose num-examples (its weight in the average) is above this."""
+
 
 class SimulationSettings(_Section):
     """Where simulated sites find their data (deployed sites use node config data-path)."""

@@ -22,6 +22,7 @@ from common.evaluation import evaluate, load_eval_file
 from common.model import build_model
 from common.wire import from_record, to_record
 from server.checkpoint import resume_checkpoint, write_checkpoint
+from server.checks import UpdateRules
 from server.federation import CentralEvaluation, Metrics, RoundOutcome, RoundPlan, run_rounds
 from server.runlog import append_round, finish_run, progress_line, rewrite_rounds, start_run
 from server.strategy import build_strategy, restore_server_state, server_state
@@ -87,6 +88,7 @@ def main(grid: Grid, context: Context) -> None:
         connect_timeout=fed.connect_timeout,
         evaluate_every=fed.evaluate_every,
         seed=cfg.train.seed,
+        rules=UpdateRules.of(fed),
     )
     try:
         final = run_rounds(

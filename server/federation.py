@@ -19,6 +19,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from server.checks import UpdateRules, screen
+from server.strategy import RoundFailed
+
 log = logging.getLogger(__name__)
 
 Metrics = dict[str, int | float]
@@ -43,6 +46,8 @@ class RoundPlan:
     """Federated evaluation every N rounds and after the last; 0: never."""
     seed: int
     """Seeds the sampling of sites, per round, so a resumed run samples as the original."""
+    rules: UpdateRules = field(default_factory=UpdateRules)
+    """What every update is checked against before aggregation (server/checks.py)."""
 
     def evaluates(self, server_round: int) -> bool:
         """Whether the sites evaluate the global adapter after this round."""
@@ -108,15 +113,21 @@ def run_rounds(
         outcome.bytes_down = sum(_payload_bytes(m) for m in messages)
         replies = _in_node_order(grid.send_and_receive(messages, timeout=plan.round_timeout))
         outcome.dropped = _dropped(messages, replies)
-        new_arrays, metrics = strategy.aggregate_train(server_round, replies)
+        arrived = [r for r in replies if not r.has_error()]
+        outcome.bytes_up = sum(_payload_bytes(r) for r in arrived)
+        screened = screen(arrived, arrays, plan.rules)
+        outcome.dropped += screened.dropped
+        if len(screened.passed) < plan.min_sites:
+            raise RoundFailed(_too_few(server_round, screened.passed, outcome, plan.min_sites))
+        new_arrays, metrics = strategy.aggregate_train(server_round, screened.passed)
         if new_arrays is None:  # the strategy's guard raises first; this is a backstop
             raise RuntimeError(f"round {server_round}: the strategy produced no adapter")
         arrays = outcome.arrays = new_arrays
         outcome.train = _numbers(metrics)
-        ok = [r for r in replies if not r.has_error()]
-        outcome.bytes_up = sum(_payload_bytes(r) for r in ok)
-        for reply in ok:
-            _site(outcome, reply)["train"] = _numbers(reply.content.get("metrics"))
+        for reply in screened.passed:
+            site = _site(outcome, reply)
+            site["train"] = _numbers(reply.content.get("metrics"))
+            site["train"]["update-norm"] = screened.norms[reply.metadata.src_node_id]
         outcome.train["num-examples"] = sum(
             int(site["train"].get("num-examples", 0)) for site in outcome.sites.values()
         )
@@ -166,6 +177,18 @@ def wait_for_sites(grid: Grid, needed: int, timeout: float, poll: float = 1.0) -
                 "the sites' SuperNodes are running and can reach the SuperLink"
             )
         time.sleep(poll)
+
+
+def _too_few(server_round: int, passed: list[Message], outcome: RoundOutcome, needed: int) -> str:
+    reasons: dict[str, int] = {}
+    for entry in outcome.dropped:
+        reasons[str(entry["reason"])] = reasons.get(str(entry["reason"]), 0) + 1
+    why = ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items())) or "none dropped"
+    return (
+        f"round {server_round}: {len(passed)} usable updates of {outcome.asked} sites asked "
+        f"({why}), fewer than federation.min-sites = {needed}; the run stops here rather "
+        "than continue with an unchanged model"
+    )
 
 
 def _in_node_order(replies: Iterable[Message]) -> list[Message]:

@@ -8,11 +8,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported 
 
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from flwr.supercore.task_identity import TaskIdentity
 from transformers import (
     AutoTokenizer,
     BertConfig,
@@ -111,3 +112,22 @@ def instruct_file(tmp_path: Path) -> Path:
         prompt = f"note {'heart failure' if i % 2 else 'ankle sprain'} . readmission risk ?"
         rows.append({"prompt": prompt, "completion": answer})
     return write_jsonl(tmp_path / "instruct.jsonl", rows)
+
+
+@pytest.fixture
+def task_identity() -> Iterator[None]:
+    """Messages read their sender from the task identity, which Flower sets per process."""
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)  # type: ignore[attr-defined]
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def sites(text_file: Path, tmp_path: Path) -> dict[int, Path]:
+    """Three sites: the shared records split three ways (node ids as Flower would draw them)."""
+    rows = [json.loads(line) for line in text_file.read_text().splitlines()]
+    return {
+        node: write_jsonl(tmp_path / f"site-{i}.jsonl", rows[i::3])
+        for i, node in enumerate((9001, 42, 777))
+    }

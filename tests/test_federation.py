@@ -5,21 +5,21 @@ with a Grid that hands each message straight to the handler of the site it is ad
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
 import torch
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import evaluate, train
 from common.adapter import load_adapter
 from server.app import main
 from server.checkpoint import latest_checkpoint, read_checkpoint
 from server.strategy import RoundFailed
-from tests.conftest import write_jsonl
+
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 class CoordinatorCrash(BaseException):
@@ -30,11 +30,16 @@ class HandlerGrid(Grid):
     """Delivers each message to the ClientApp handler of its site, in this process."""
 
     def __init__(
-        self, run_config: dict[str, object], sites: dict[int, Path], crash_in_round: int = 0
+        self,
+        run_config: dict[str, object],
+        sites: dict[int, Path],
+        crash_in_round: int = 0,
+        tamper: dict[int, Callable[[Message, Message], RecordDict]] | None = None,
     ) -> None:
         self.run_config = run_config
         self.sites = sites
         self.crash_in_round = crash_in_round
+        self.tamper = tamper or {}  # node -> what it sends instead of its honest reply
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.sites)
@@ -57,7 +62,10 @@ class HandlerGrid(Grid):
             )
             handler = train if message.metadata.message_type == "train" else evaluate
             try:
-                replies.append(handler(message, context))
+                reply = handler(message, context)
+                if node in self.tamper and message.metadata.message_type == "train":
+                    reply = Message(self.tamper[node](message, reply), reply_to=message)
+                replies.append(reply)
             except Exception as e:  # as Flower does: the site's failure becomes an error reply
                 replies.append(Message(Error(code=2, reason=type(e).__name__), reply_to=message))
         return replies
@@ -77,25 +85,6 @@ class HandlerGrid(Grid):
     @property
     def run(self) -> object:
         raise NotImplementedError
-
-
-@pytest.fixture(autouse=True)
-def _task_identity() -> Iterator[None]:
-    """Messages read their sender from the task identity, which Flower sets per process."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)  # type: ignore[attr-defined]
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved  # type: ignore[attr-defined]
-
-
-@pytest.fixture
-def sites(text_file: Path, tmp_path: Path) -> dict[int, Path]:
-    """Three sites: the shared records split three ways (node ids as Flower would draw them)."""
-    rows = [json.loads(line) for line in text_file.read_text().splitlines()]
-    return {
-        node: write_jsonl(tmp_path / f"site-{i}.jsonl", rows[i::3])
-        for i, node in enumerate((9001, 42, 777))
-    }
 
 
 def _config(tiny_bert_dir: Path, run_dir: Path, **extra: object) -> dict[str, object]:
@@ -184,7 +173,9 @@ def test_too_few_updates_fail_the_run_with_its_reason(
     tiny_bert_dir: Path, sites: dict[int, Path], tmp_path: Path
 ) -> None:
     only_one = {9001: sites[9001], 5: tmp_path / "missing.jsonl"}
-    with pytest.raises(RoundFailed, match="round 1: 1 successful updates of 2"):
+    with pytest.raises(
+        RoundFailed, match=r"round 1: 1 usable updates of 2 sites asked \(1 site-error-2\)"
+    ):
         _run(HandlerGrid(_config(tiny_bert_dir, tmp_path), only_one))
     record = json.loads((tmp_path / "run-1" / "run.json").read_text())
     assert record["status"] == "failed" and "federation.min-sites" in record["error"]

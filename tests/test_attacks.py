@@ -1,0 +1,138 @@
+"""Bad and hostile updates, end to end: one of three sites sends each of them through the
+real ServerApp and ClientApp handlers; the update is dropped with its reason code, the
+round goes on with the other two, and the run ends with a finite model."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from test_federation import HandlerGrid, _config, _run
+
+from common.adapter import load_adapter
+from server import checks
+from server.strategy import RoundFailed
+
+pytestmark = pytest.mark.usefixtures("task_identity")
+ATTACKER = 42
+Arrays = dict[str, np.ndarray]
+
+
+def _sent(
+    change_arrays: Callable[[Arrays, Arrays], Arrays] | None = None,
+    change_metrics: Callable[[dict], dict] | None = None,
+) -> Callable[[Message, Message], RecordDict]:
+    """What the attacker sends: its honest reply with arrays and/or metrics changed."""
+
+    def tamper(message: Message, reply: Message) -> RecordDict:
+        sent = {k: message.content["arrays"][k].numpy() for k in message.content["arrays"]}
+        honest = {k: reply.content["arrays"][k].numpy() for k in reply.content["arrays"]}
+        arrays = change_arrays(honest, sent) if change_arrays else honest
+        metrics = dict(reply.content["metrics"])
+        metrics = change_metrics(metrics) if change_metrics else metrics
+        record = ArrayRecord(
+            array_dict={k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}
+        )
+        return RecordDict({"arrays": record, "metrics": MetricRecord(metrics)})
+
+    return tamper
+
+
+def _first(arrays: Arrays, value: float) -> Arrays:
+    out = {k: v.copy() for k, v in arrays.items()}
+    next(iter(out.values())).flat[0] = value
+    return out
+
+
+ATTACKS: dict[str, tuple[Callable[[Message, Message], RecordDict], str]] = {
+    "nan": (_sent(lambda a, g: _first(a, np.nan)), checks.NOT_FINITE),
+    "inf": (_sent(lambda a, g: _first(a, np.inf)), checks.NOT_FINITE),
+    "scaled-1e6": (
+        _sent(lambda a, g: {k: g[k] + 1e6 * (a[k] - g[k]) for k in a}),
+        checks.NORM_ABOVE_MEDIAN,
+    ),
+    "wrong-shape": (
+        _sent(lambda a, g: {k: (v[:-1] if i == 0 else v) for i, (k, v) in enumerate(a.items())}),
+        checks.WRONG_SHAPE,
+    ),
+    "wrong-dtype": (
+        _sent(lambda a, g: {k: v.astype(np.float64) for k, v in a.items()}),
+        checks.WRONG_DTYPE,
+    ),
+    "missing-key": (_sent(lambda a, g: dict(list(a.items())[1:])), checks.MISSING_KEY),
+    "extra-key": (
+        _sent(lambda a, g: {**a, "base_model.model.smuggled": np.ones(4, np.float32)}),
+        checks.EXTRA_KEY,
+    ),
+    "negative-num-examples": (
+        _sent(change_metrics=lambda m: {**m, "num-examples": -5}),
+        checks.BAD_EXAMPLES,
+    ),
+    "huge-num-examples": (
+        _sent(change_metrics=lambda m: {**m, "num-examples": 10**12}),
+        checks.BAD_EXAMPLES,
+    ),
+    "float-num-examples": (
+        _sent(change_metrics=lambda m: {**m, "num-examples": 12.5}),
+        checks.BAD_EXAMPLES,
+    ),
+    "all-zero": (_sent(lambda a, g: {k: np.zeros_like(v) for k, v in a.items()}), checks.ALL_ZERO),
+    "no-metrics": (
+        lambda message, reply: RecordDict({"arrays": reply.content["arrays"]}),
+        checks.MALFORMED,
+    ),
+}
+
+
+@pytest.mark.parametrize("attack", sorted(ATTACKS))
+def test_a_bad_update_is_dropped_with_its_reason_and_the_run_finishes(
+    attack: str,
+    tiny_bert_dir: Path,
+    sites: dict[int, Path],
+    tmp_path: Path,
+) -> None:
+    tamper, reason = ATTACKS[attack]
+    config = _config(tiny_bert_dir, tmp_path, **{"federation.rounds": 2})
+    _run(HandlerGrid(config, sites, tamper={ATTACKER: tamper}))
+    run_dir = tmp_path / "run-1"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        assert row["dropped"] == [{"node": ATTACKER, "reason": reason}]
+        assert row["sites-ok"] == 2 and "train" not in row["sites"].get(str(ATTACKER), {})
+        norms = [s["train"]["update-norm"] for s in row["sites"].values() if "train" in s]
+        assert len(norms) == 2 and all(np.isfinite(norms))
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "completed"
+    adapter, _ = load_adapter(run_dir / "adapter")
+    assert all(torch.isfinite(t).all() for t in adapter.values())
+
+
+def test_honest_updates_all_pass_and_carry_their_norm(
+    tiny_bert_dir: Path,
+    sites: dict[int, Path],
+    tmp_path: Path,
+) -> None:
+    _run(HandlerGrid(_config(tiny_bert_dir, tmp_path, **{"federation.rounds": 1}), sites))
+    (row,) = [json.loads(line) for line in (tmp_path / "run-1" / "metrics.jsonl").open()]
+    assert row["dropped"] == [] and row["sites-ok"] == 3
+    norms = [site["train"]["update-norm"] for site in row["sites"].values()]
+    assert all(0 < n < 10 * np.median(norms) for n in norms)
+
+
+def test_an_absolute_norm_bound_drops_every_update_above_it(
+    tiny_bert_dir: Path,
+    sites: dict[int, Path],
+    tmp_path: Path,
+) -> None:
+    config = _config(
+        tiny_bert_dir,
+        tmp_path,
+        **{"federation.rounds": 1, "federation.max-update-norm": 1e-9},
+    )
+    expected = r"0 usable updates of 3 sites asked \(3 update-norm-above-bound\)"
+    with pytest.raises(RoundFailed, match=expected):
+        _run(HandlerGrid(config, sites))
