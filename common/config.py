@@ -175,8 +175,33 @@ class FederationSettings(_Section):
     rounds: int = Field(3, ge=1, le=100_000)
     """Federated rounds; the learning-rate schedule spans all of them."""
 
-    strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm"] = "fedavg"
-    """Aggregation strategy on the coordinator."""
+    strategy: Literal[
+        "fedavg",
+        "fedprox",
+        "fedadam",
+        "fedyogi",
+        "fedadagrad",
+        "fedavgm",
+        "fedmedian",
+        "fedtrimmedavg",
+        "krum",
+        "multikrum",
+    ] = "fedavg"
+    """Aggregation strategy on the coordinator. fedmedian, fedtrimmedavg, krum and multikrum
+    resist a minority of faulty or hostile sites (docs: README, "Robust aggregation")."""
+
+    trim_fraction: float = Field(0.2, ge=0, lt=0.5)
+    """fedtrimmedavg: share of the lowest and of the highest values dropped per coordinate."""
+
+    byzantine_sites: int = Field(0, ge=0)
+    """krum, multikrum: how many sites may be faulty or hostile in a round."""
+
+    krum_select: int = Field(1, ge=1)
+    """multikrum: how many of the most central updates are averaged."""
+
+    clip_update_norm: float = Field(0.0, ge=0)
+    """Scale each site's update (its L2 distance from the global adapter) down to at most
+    this before aggregation, so no single site moves the model further; 0: off."""
 
     proximal_mu: float = Field(0.0, ge=0)
     """FedProx proximal weight mu (used when strategy is fedprox)."""

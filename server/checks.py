@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
 
 from common.config import FederationSettings
 
@@ -41,10 +41,17 @@ class UpdateRules:
     max_norm: float = 0.0
     max_norm_ratio: float = 10.0
     max_examples: int = 10_000_000
+    clip_norm: float = 0.0
+    """Updates that pass are scaled down to at most this distance from the global adapter."""
 
     @classmethod
     def of(cls, settings: FederationSettings) -> UpdateRules:
-        return cls(settings.max_update_norm, settings.max_update_norm_ratio, settings.max_examples)
+        return cls(
+            settings.max_update_norm,
+            settings.max_update_norm_ratio,
+            settings.max_examples,
+            settings.clip_update_norm,
+        )
 
 
 @dataclass(frozen=True)
@@ -82,11 +89,27 @@ def screen(replies: list[Message], global_arrays: ArrayRecord, rules: UpdateRule
             passed = keep
     for entry in dropped:
         log.warning("update from node %s dropped: %s", entry["node"], entry["reason"])
+    if rules.clip_norm > 0:
+        for reply, norm in passed:
+            if norm > rules.clip_norm:
+                clip(reply, reference, rules.clip_norm / norm)
     return Screened(
         [r for r, _ in passed],
         dropped,
         {r.metadata.src_node_id: n for r, n in passed},
     )
+
+
+def clip(reply: Message, reference: dict[str, np.ndarray], scale: float) -> None:
+    """Shrink the reply's update (its difference from `reference`) by `scale`, in place."""
+    arrays = reply.content["arrays"]
+    assert isinstance(arrays, ArrayRecord)
+    clipped = {}
+    for key, base in reference.items():
+        value = arrays[key].numpy()
+        shrunk = base.astype(np.float64) + scale * (value.astype(np.float64) - base)
+        clipped[key] = Array(np.ascontiguousarray(shrunk.astype(base.dtype)))
+    reply.content["arrays"] = ArrayRecord(array_dict=clipped)
 
 
 def _check(

@@ -8,7 +8,18 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
-from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
+from flwr.serverapp.strategy import (
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    MultiKrum,
+)
 
 from common.adapter import WireDtype
 from common.config import FederationSettings
@@ -23,6 +34,10 @@ STRATEGIES: dict[str, type[FedAvg]] = {
     "fedyogi": FedYogi,
     "fedadagrad": FedAdagrad,
     "fedavgm": FedAvgM,
+    "fedmedian": FedMedian,
+    "fedtrimmedavg": FedTrimmedAvg,
+    "krum": Krum,
+    "multikrum": MultiKrum,
 }
 # Sized for LoRA adapters: each moves the adapter about as far per round as FedAvg does
 # (measured by replaying one-epoch MiniLM deltas; see simulations/configs/fedadam.toml).
@@ -45,13 +60,22 @@ def build_strategy(settings: FederationSettings) -> FedAvg:
         "min_available_nodes": settings.min_sites,
     }
     lr = settings.server_learning_rate or DEFAULT_SERVER_LR.get(settings.strategy, 1.0)
-    extra: dict[str, float] = {}
+    extra: dict[str, float | int] = {}
     if settings.strategy == "fedprox":
         extra = {"proximal_mu": settings.proximal_mu}
     elif settings.strategy == "fedavgm":
         extra = {"server_learning_rate": lr, "server_momentum": settings.server_momentum}
     elif settings.strategy in ("fedadam", "fedyogi", "fedadagrad"):
         extra = {"eta": lr}
+    elif settings.strategy == "fedtrimmedavg":
+        extra = {"beta": settings.trim_fraction}
+    elif settings.strategy == "krum":
+        extra = {"num_malicious_nodes": settings.byzantine_sites}
+    elif settings.strategy == "multikrum":
+        extra = {
+            "num_malicious_nodes": settings.byzantine_sites,
+            "num_nodes_to_select": settings.krum_select,
+        }
     strategy = guarded(**common, **extra)
     strategy.min_updates = settings.min_sites
     strategy.wire_dtype = settings.wire_dtype

@@ -14,7 +14,9 @@ import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from test_federation import HandlerGrid, _config, _run
 
-from common.adapter import load_adapter
+from common.adapter import get_adapter_state, load_adapter
+from common.config import load_config
+from common.model import build_model
 from server import checks
 from server.strategy import RoundFailed
 
@@ -136,3 +138,48 @@ def test_an_absolute_norm_bound_drops_every_update_above_it(
     expected = r"0 usable updates of 3 sites asked \(3 update-norm-above-bound\)"
     with pytest.raises(RoundFailed, match=expected):
         _run(HandlerGrid(config, sites))
+
+
+def test_clipping_scales_a_large_update_to_the_bound_and_leaves_small_ones(
+    task_identity: None,
+) -> None:
+    from test_strategy import _reply
+
+    base = {"a": np.ones((4, 3), np.float32), "b": np.ones(3, np.float32)}
+    direction = {"a": np.full((4, 3), 1.0, np.float32), "b": np.full(3, 1.0, np.float32)}
+    length = float(np.sqrt(15.0))  # the norm of `direction`
+    big = {k: base[k] + 5.0 / length * direction[k] for k in base}
+    small = {k: base[k] + 0.5 / length * direction[k] for k in base}
+    reference = ArrayRecord(array_dict={k: Array(v) for k, v in base.items()})
+    rules = checks.UpdateRules(max_norm_ratio=0.0, clip_norm=1.0)
+    result = checks.screen([_reply(big, 10, 1), _reply(small, 10, 2)], reference, rules)
+    assert result.norms == pytest.approx({1: 5.0, 2: 0.5}, rel=1e-5)
+    clipped, untouched = ({k: r.content["arrays"][k].numpy() for k in base} for r in result.passed)
+    distance = np.sqrt(sum(((clipped[k] - base[k]) ** 2).sum() for k in base))
+    assert distance == pytest.approx(1.0, rel=1e-5)
+    np.testing.assert_allclose(clipped["a"] - base["a"], (big["a"] - base["a"]) / 5, rtol=1e-5)
+    assert all(np.array_equal(untouched[k], small[k]) for k in base)
+
+
+@pytest.mark.parametrize(("strategy", "survives"), [("fedmedian", True), ("fedavg", False)])
+def test_robust_aggregation_holds_off_a_scaled_update_that_the_checks_let_through(
+    strategy: str, survives: bool, tiny_bert_dir: Path, sites: dict[int, Path], tmp_path: Path
+) -> None:
+    config = _config(
+        tiny_bert_dir,
+        tmp_path,
+        **{
+            "federation.rounds": 1,
+            "federation.strategy": strategy,
+            "federation.max-update-norm-ratio": 0.0,  # the median-ratio check off
+        },
+    )
+    tamper, _ = ATTACKS["scaled-1e6"]
+    _run(HandlerGrid(config, sites, tamper={ATTACKER: tamper}))
+    (row,) = [json.loads(line) for line in (tmp_path / "run-1" / "metrics.jsonl").open()]
+    honest = max(s["train"]["update-norm"] for n, s in row["sites"].items() if n != "42")
+    start = load_config(config)
+    initial = get_adapter_state(build_model(start))
+    final, _ = load_adapter(tmp_path / "run-1" / "adapter")
+    moved = float(sum(((final[k] - initial[k]) ** 2).sum() for k in initial) ** 0.5)
+    assert (moved <= honest) is survives, (moved, honest)

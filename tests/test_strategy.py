@@ -327,3 +327,62 @@ def test_aggregation_keeps_the_adapter_dtype(flower_task: None, name: str) -> No
     arrays, _ = strategy.aggregate_train(1, replies)
     assert arrays is not None
     assert {k: a.dtype for k, a in arrays.items()} == {"a": "float32", "b": "float32"}
+
+
+def _robust(strategy: str, n: int = 5, **keys: object):
+    cfg = load_config({"federation.strategy": strategy, "federation.min-sites": n, **keys})
+    rng = np.random.default_rng(3)
+    states = [
+        {
+            "a": rng.normal(size=(4, 3)).astype(np.float32),
+            "b": rng.normal(size=(3,)).astype(np.float32),
+        }
+        for _ in range(n)
+    ]
+    weights = [10, 20, 30, 40, 50][:n]
+    replies = [_reply(s, w, i + 1) for i, (s, w) in enumerate(zip(states, weights, strict=True))]
+    arrays, _ = build_strategy(cfg.federation).aggregate_train(1, replies)
+    assert arrays is not None
+    return arrays, states, weights
+
+
+def test_fedmedian_is_the_coordinate_wise_median() -> None:
+    arrays, states, _ = _robust("fedmedian")
+    for key in ("a", "b"):
+        expected = np.median([s[key] for s in states], axis=0)
+        np.testing.assert_allclose(arrays[key].numpy(), expected, rtol=1e-6)
+
+
+def test_fedtrimmedavg_drops_the_extremes_of_each_coordinate() -> None:
+    arrays, states, _ = _robust("fedtrimmedavg", **{"federation.trim-fraction": 0.2})
+    for key in ("a", "b"):
+        stacked = np.sort(np.stack([s[key] for s in states]), axis=0)
+        expected = stacked[1:-1].mean(axis=0)  # 20% of 5 sites: one off each end
+        np.testing.assert_allclose(arrays[key].numpy(), expected, rtol=1e-5)
+
+
+def _krum_scores(states: list[dict[str, np.ndarray]], f: int) -> list[float]:
+    flat = [np.concatenate([s[k].ravel() for k in ("a", "b")]) for s in states]
+    scores = []
+    for i, x in enumerate(flat):
+        distances = sorted(float(((x - y) ** 2).sum()) for j, y in enumerate(flat) if j != i)
+        scores.append(sum(distances[: len(flat) - f - 2]))
+    return scores
+
+
+def test_krum_picks_the_update_closest_to_its_neighbours() -> None:
+    arrays, states, _ = _robust("krum", **{"federation.byzantine-sites": 1})
+    chosen = states[int(np.argmin(_krum_scores(states, 1)))]
+    for key in ("a", "b"):
+        np.testing.assert_array_equal(arrays[key].numpy(), chosen[key])
+
+
+def test_multikrum_averages_the_most_central_updates() -> None:
+    keys = {"federation.byzantine-sites": 1, "federation.krum-select": 3}
+    arrays, states, weights = _robust("multikrum", **keys)
+    picked = np.argsort(_krum_scores(states, 1))[:3]
+    for key in ("a", "b"):
+        expected = np.average(
+            [states[i][key] for i in picked], axis=0, weights=[weights[i] for i in picked]
+        )
+        np.testing.assert_allclose(arrays[key].numpy(), expected, rtol=1e-5)
