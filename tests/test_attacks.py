@@ -183,3 +183,21 @@ def test_robust_aggregation_holds_off_a_scaled_update_that_the_checks_let_throug
     final, _ = load_adapter(tmp_path / "run-1" / "adapter")
     moved = float(sum(((final[k] - initial[k]) ** 2).sum() for k in initial) ** 0.5)
     assert (moved <= honest) is survives, (moved, honest)
+
+
+def test_a_site_that_hangs_or_drops_out_costs_only_its_update_and_rejoins_later(
+    tiny_bert_dir: Path, sites: dict[int, Path], tmp_path: Path
+) -> None:
+    config = _config(tiny_bert_dir, tmp_path, **{"federation.rounds": 3, "federation.min-sites": 1})
+    crashing = {777: tmp_path / "gone.jsonl"}  # its data vanished: every task raises
+    grid = HandlerGrid(config, {**sites, **crashing}, silent={ATTACKER: {1, 2}})
+    _run(grid)
+    rows = [json.loads(line) for line in (tmp_path / "run-1" / "metrics.jsonl").open()]
+    hung = {"node": ATTACKER, "reason": "no-reply-within-round-timeout"}
+    crashed = {"node": 777, "reason": "site-error-2"}
+    assert [sorted(r["dropped"], key=str) for r in rows] == [
+        sorted([hung, crashed], key=str),
+        sorted([hung, crashed], key=str),
+        [crashed],
+    ]
+    assert [r["sites-ok"] for r in rows] == [1, 1, 2]  # the silent site is back in round 3

@@ -35,11 +35,13 @@ class HandlerGrid(Grid):
         sites: dict[int, Path],
         crash_in_round: int = 0,
         tamper: dict[int, Callable[[Message, Message], RecordDict]] | None = None,
+        silent: dict[int, set[int]] | None = None,
     ) -> None:
         self.run_config = run_config
         self.sites = sites
         self.crash_in_round = crash_in_round
         self.tamper = tamper or {}  # node -> what it sends instead of its honest reply
+        self.silent = silent or {}  # node -> rounds it hangs or is cut off (no reply in time)
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.sites)
@@ -53,6 +55,8 @@ class HandlerGrid(Grid):
             if server_round == self.crash_in_round and message.metadata.message_type == "train":
                 raise CoordinatorCrash
             node = message.metadata.dst_node_id
+            if server_round in self.silent.get(node, set()):
+                continue  # what the Grid returns when a site does not answer within the timeout
             context = Context(
                 run_id=1,
                 node_id=node,
