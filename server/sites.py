@@ -15,13 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.flower import FlowerProcessError, executable
+from common.flower import ANSI, FlowerProcessError, executable
 from common.keyfiles import fingerprint, load_site_public_key
 from server.runlog import write_json
 from server.superlink import CONNECTION, CoordinatorHome
 
 NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 @dataclass(frozen=True)

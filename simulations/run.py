@@ -27,7 +27,7 @@ from common.flower import (
     wait_for_port,
 )
 from server.runlog import read_run
-from server.submit import app_defaults, config_keys, resume_keys, submit
+from server.submit import absolute_paths, app_defaults, config_keys, resume_keys, submit
 from simulations.baseline import load_baselines, train_baselines
 from simulations.report import comparison, score_sites, write_report
 from simulations.synth import DEFAULT_MEAN_RECORDS, write_federation
@@ -150,11 +150,10 @@ def _absolute_paths(cfg: FedtuneConfig, data_dir: Path, out: Path) -> dict[str, 
     """Paths made absolute (the SuperLink resolves relative ones against its own working
     directory), and one torch thread per simulated site unless the config says otherwise."""
     keys: dict[str, object] = {
+        **absolute_paths(cfg),
         "simulation.data-dir": str(data_dir),
         "federation.run-dir": str(out),
     }
-    if cfg.federation.eval_file:
-        keys["federation.eval-file"] = str(_absolute(cfg.federation.eval_file))
     if cfg.train.num_threads == 0:
         keys["train.num-threads"] = 1  # one thread per simulated site beats oversubscription
     return keys
