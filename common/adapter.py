@@ -6,9 +6,6 @@ Keys are PEFT's saved names (`base_model.model....lora_A.weight`), so a state wr
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
@@ -17,7 +14,9 @@ import numpy as np
 import torch
 from peft import LoraConfig, PeftConfig, PeftModel
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
+
+from common.files import fsync_file, replace_dir, staging_dir, write_atomic
 
 AdapterState = dict[str, torch.Tensor]
 WireDtype = Literal["fp32", "fp16"]
@@ -81,14 +80,9 @@ def from_wire(arrays: Mapping[str, np.ndarray]) -> AdapterState:
 def save_adapter(state: Mapping[str, torch.Tensor], config: PeftConfig, directory: Path) -> None:
     """Write `directory` in PEFT layout, atomically: it is complete or absent, never partial."""
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with staging_dir(directory) as staging:
         write_adapter_files(state, config, staging)
         replace_dir(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def write_adapter_files(
@@ -97,12 +91,11 @@ def write_adapter_files(
     """Write the two PEFT files into an existing directory and flush them to disk."""
     config.save_pretrained(str(directory))
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
-    paths = [directory / CONFIG_FILE, directory / WEIGHTS_FILE]
-    for path in paths:
-        with path.open("rb") as f:
-            os.fsync(f.fileno())
-    return paths
+    fsync_file(directory / CONFIG_FILE)
+    # Serialised here and written by Python, so that a full disk raises OSError (errno set),
+    # not safetensors' own error type.
+    write_atomic(directory / WEIGHTS_FILE, save(tensors, metadata={"format": "pt"}))
+    return [directory / CONFIG_FILE, directory / WEIGHTS_FILE]
 
 
 def load_adapter(directory: Path) -> tuple[AdapterState, LoraConfig]:
@@ -117,15 +110,3 @@ def load_adapter(directory: Path) -> tuple[AdapterState, LoraConfig]:
     except Exception as e:
         raise AdapterError(f"{directory}: unreadable adapter ({type(e).__name__}: {e})") from e
     return state, config
-
-
-def replace_dir(new: Path, target: Path) -> None:
-    """Put directory `new` at `target`, replacing what was there, by renames only."""
-    if not target.exists():
-        os.replace(new, target)
-        return
-    old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(target, old)
-    os.replace(new, target)
-    shutil.rmtree(old, ignore_errors=True)

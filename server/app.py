@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from peft import PeftModel
@@ -19,12 +20,13 @@ from peft import PeftModel
 from common.adapter import get_adapter_state, save_adapter, set_adapter_state
 from common.config import FedtuneConfig, load_config
 from common.evaluation import evaluate, load_eval_file
+from common.files import check_writable, warn_if_short
 from common.model import build_model
 from common.wire import from_record, to_record
 from server.checkpoint import resume_checkpoint, write_checkpoint
 from server.checks import UpdateRules
 from server.federation import CentralEvaluation, Metrics, RoundOutcome, RoundPlan, run_rounds
-from server.runlog import append_round, finish_run, progress_line, rewrite_rounds, start_run
+from server.runlog import finish_run, progress_line, start_run, write_rounds
 from server.strategy import build_strategy, restore_server_state, server_state
 
 # A child of Flower's logger, so that progress lines reach the stream `flwr run` shows.
@@ -37,6 +39,12 @@ def main(grid: Grid, context: Context) -> None:
     """Run (or resume) the federation described by the run config."""
     cfg = load_config(context.run_config)
     fed = cfg.federation
+    # A directory that cannot be written fails now, not after the first round's training.
+    if fed.resume:
+        run_dir = check_writable(Path(fed.resume), "run directory (federation.resume)")
+    else:
+        runs = check_writable(Path(fed.run_dir), "federation.run-dir")
+        run_dir = check_writable(runs / f"run-{context.run_id}", "run directory")
     model = build_model(cfg)  # the coordinator needs the adapter's shape, never site data
     peft_config = model.peft_config["default"]
     initial = get_adapter_state(model)
@@ -44,17 +52,14 @@ def main(grid: Grid, context: Context) -> None:
     history: list[dict[str, Any]] = []
     first_round = 1
     if fed.resume:
-        run_dir = Path(fed.resume).resolve()
         checkpoint = resume_checkpoint(run_dir, cfg.digest(), cfg.flat())
         initial = {key: checkpoint.adapter[key] for key in initial}  # the model's key order
         restore_server_state(strategy, checkpoint.server_state, list(initial))
         history = list(checkpoint.state.get("metrics", []))
         first_round = checkpoint.round + 1
-        rewrite_rounds(run_dir, history)
+        write_rounds(run_dir, history)
         log.info("resuming %s after round %d of %d", run_dir, checkpoint.round, fed.rounds)
-    else:
-        run_dir = Path(fed.run_dir).resolve() / f"run-{context.run_id}"
-        run_dir.mkdir(parents=True, exist_ok=True)
+    warn_if_short(run_dir, _bytes_needed(initial, fed.rounds - first_round + 1), "run directory")
     start_run(run_dir, cfg, context.run_id, first_round - 1 if fed.resume else None)
     started = time.monotonic() - (float(history[-1].get("seconds", 0.0)) if history else 0.0)
 
@@ -77,7 +82,7 @@ def main(grid: Grid, context: Context) -> None:
         write_checkpoint(
             run_dir, outcome.round, adapter, peft_config, state, server_state(strategy)
         )
-        append_round(run_dir, row)
+        write_rounds(run_dir, history)
         log.info(progress_line(outcome, fed.rounds, elapsed))
 
     plan = RoundPlan(
@@ -100,11 +105,21 @@ def main(grid: Grid, context: Context) -> None:
             central_evaluation(cfg, model) if fed.eval_file else None,
         )
     except Exception as e:
-        finish_run(run_dir, "failed", error=f"{type(e).__name__}: {e}")
+        try:
+            finish_run(run_dir, "failed", error=f"{type(e).__name__}: {e}")
+        except OSError as unrecorded:  # a full disk: the original error is the one to show
+            log.error("could not record the failure in %s: %s", run_dir, unrecorded.strerror)
         raise
     save_adapter(from_record(final), peft_config, run_dir / "adapter")
     finish_run(run_dir, "completed", rounds=fed.rounds)
     log.info("run finished: adapter, checkpoints and metrics in %s", run_dir)
+
+
+def _bytes_needed(adapter: dict[str, torch.Tensor], rounds: int) -> int:
+    """About what the run will write: a checkpoint per round (adapter, and room for an
+    optimiser's two moments) and the final adapter."""
+    size = sum(t.numel() * t.element_size() for t in adapter.values())
+    return 3 * size * rounds + size
 
 
 def central_evaluation(cfg: FedtuneConfig, model: PeftModel) -> CentralEvaluation:

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +21,11 @@ import numpy as np
 import torch
 from peft import PeftConfig
 from safetensors.numpy import load_file as load_numpy
-from safetensors.numpy import save_file as save_numpy
+from safetensors.numpy import save as save_numpy
 
-from common.adapter import AdapterState, load_adapter, replace_dir, write_adapter_files
+from common.adapter import AdapterState, load_adapter, write_adapter_files
 from common.config import DIGEST_EXEMPT
-from server.runlog import write_text
+from common.files import replace_dir, staging_dir, storage_error, write_atomic
 
 MANIFEST = "MANIFEST.json"
 STATE = "state.json"
@@ -61,29 +58,36 @@ def write_checkpoint(
     state: Mapping[str, Any],
     server_state: Mapping[str, np.ndarray] | None = None,
 ) -> Path:
-    """Write round `server_round`'s checkpoint and point LATEST at it; returns its path."""
+    """Write round `server_round`'s checkpoint and point LATEST at it; returns its path.
+
+    On any failure (a full disk, say) the half-made checkpoint is removed, LATEST still names
+    the previous complete one, and the error names the directory and the fix.
+    """
     root = run_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    name = f"round-{server_round:04d}"
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+    target = root / f"round-{server_round:04d}"
     try:
-        files = write_adapter_files(adapter, peft_config, staging)
-        state_path = staging / STATE
-        _write_synced(state_path, json.dumps({"round": server_round, **state}, indent=2))
-        files.append(state_path)
-        if server_state:
-            arrays = {k: np.ascontiguousarray(v) for k, v in server_state.items()}
-            save_numpy(arrays, str(staging / SERVER_STATE))
-            files.append(staging / SERVER_STATE)
-            _fsync(staging / SERVER_STATE)
-        manifest = {p.name: _sha256(p) for p in files}
-        _write_synced(staging / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
-        replace_dir(staging, root / name)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    write_text(root / LATEST, name)
-    return root / name
+        with staging_dir(target) as staging:
+            files = write_adapter_files(adapter, peft_config, staging)
+            state_text = json.dumps({"round": server_round, **state}, indent=2)
+            write_atomic(staging / STATE, state_text)
+            files.append(staging / STATE)
+            if server_state:
+                arrays = {k: np.ascontiguousarray(v) for k, v in server_state.items()}
+                write_atomic(staging / SERVER_STATE, save_numpy(arrays))
+                files.append(staging / SERVER_STATE)
+            manifest = {p.name: _sha256(p) for p in files}
+            write_atomic(staging / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
+            replace_dir(staging, target)
+        write_atomic(root / LATEST, target.name)
+    except OSError as e:
+        raise storage_error(
+            e,
+            root,
+            "checkpoint directory",
+            then=f"Round {server_round}'s checkpoint was not kept; resume the run from its last "
+            "complete checkpoint once this is fixed",
+        ) from e
+    return target
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -141,18 +145,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    with path.open("rb") as f:
-        os.fsync(f.fileno())
-
-
-def _write_synced(path: Path, text: str) -> None:
-    with path.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def resume_checkpoint(run_dir: Path, digest: str, config: Mapping[str, Any]) -> Checkpoint:

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from common.config import ConfigError, load_config
+from common.files import check_writable
 from common.flower import FlowerProcessError
 from common.keyfiles import KeyFileError
 from server.submit import SubmitError
@@ -228,6 +229,7 @@ def _run(args: argparse.Namespace, home: CoordinatorHome) -> int:
     keys.setdefault("federation.run-dir", str(home.runs))
     cfg = load_config({**app_defaults(), **keys})  # refuse a bad key before submitting
     keys.update(absolute_paths(cfg))
+    check_writable(Path(str(keys["federation.run-dir"])), "federation.run-dir")
     return _submit(home, keys, args.detach)
 
 

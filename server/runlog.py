@@ -8,13 +8,13 @@ round) and the progress line shown per round. Numbers and settings only, never s
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common.config import FedtuneConfig
+from common.files import write_atomic
 
 if TYPE_CHECKING:
     from server.federation import RoundOutcome
@@ -53,17 +53,11 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     return dict(json.loads(path.read_text())) if path.is_file() else {}
 
 
-def append_round(run_dir: Path, row: Mapping[str, object]) -> None:
-    """Add one round's line to metrics.jsonl (written as the run goes, so a crash keeps it)."""
-    with (run_dir / METRICS_FILE).open("a") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def rewrite_rounds(run_dir: Path, rows: Sequence[Mapping[str, object]]) -> None:
-    """Replace metrics.jsonl with `rows` (on resume: the rounds the checkpoint vouches for)."""
-    write_text(run_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
+def write_rounds(run_dir: Path, rows: Sequence[Mapping[str, object]]) -> None:
+    """Replace metrics.jsonl with `rows`, atomically: rewritten whole after each round (a few
+    kB), so a crash or a full disk never leaves half a line; on resume, the rounds the
+    checkpoint vouches for."""
+    write_atomic(run_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def progress_line(outcome: RoundOutcome, rounds: int, elapsed: float) -> str:
@@ -81,14 +75,4 @@ def progress_line(outcome: RoundOutcome, rounds: int, elapsed: float) -> str:
 
 def write_json(path: Path, value: object) -> None:
     """Write JSON atomically."""
-    write_text(path, json.dumps(value, indent=2) + "\n")
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write a file atomically: a reader sees the old or the new content, never a mix."""
-    staging = path.with_name(f".{path.name}.tmp")
-    with staging.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(staging, path)
+    write_atomic(path, json.dumps(value, indent=2) + "\n")

@@ -19,9 +19,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.files import write_atomic
 from common.flower import executable, flower_env
 from server.pki import TlsFiles
-from server.runlog import write_text
 
 CONNECTION = "fedtune"
 DEFAULT_HOME = Path("~/.fedtune/coordinator")
@@ -134,7 +134,7 @@ def prepare(home: CoordinatorHome, port: int) -> None:
     home.make()
     for directory in (home.database.parent, home.flwr_home, home.runs, home.log.parent):
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    write_text(
+    write_atomic(
         home.flwr_home / "config.toml",
         "# written by fedtune-server start: the SuperLink the operator's commands reach\n"
         "[superlink]\n"

@@ -181,6 +181,7 @@ def _baseline(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from common.config import ConfigError
+    from common.files import StorageError
     from common.flower import FlowerProcessError
     from server.checkpoint import CheckpointError
     from server.submit import SubmitError
@@ -192,7 +193,14 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     try:
         out = run_simulation(args.config, args.sites, args.out, args.resume, not args.no_baselines)
-    except (ConfigError, FlowerProcessError, SubmitError, CheckpointError, BaselineError) as e:
+    except (
+        ConfigError,
+        StorageError,
+        FlowerProcessError,
+        SubmitError,
+        CheckpointError,
+        BaselineError,
+    ) as e:
         print(f"fedtune-sim run: {e}", file=sys.stderr)
         return 1
     print(f"run outputs in {out}")

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from common.config import FedtuneConfig, load_config
+from common.files import check_writable
 from common.flower import (
     FlowerProcessError,
     executable,
@@ -56,10 +57,9 @@ def run_simulation(
         if sites is not None:
             keys["simulation.num-sites"] = sites
     cfg = load_config({**defaults, **keys})  # fail on a bad key before anything starts
-    out = out.resolve()
+    out = check_writable(out, "--out")  # and on a directory it cannot write
     data_dir = ensure_federation(cfg)
     keys.update(_absolute_paths(cfg, data_dir, out))
-    out.mkdir(parents=True, exist_ok=True)
     home = out / "flwr-home"
     home.mkdir(exist_ok=True)
     env = flower_env(

@@ -16,8 +16,6 @@ import errno
 import json
 import logging
 import math
-import os
-import tempfile
 from bisect import bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -28,6 +26,7 @@ from typing import Any, TypeVar
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
+from common.files import write_atomic
 from simulations.notes import STYLES, Patient, instruct_record, render_note
 from simulations.vocabulary import (
     COMORBIDITIES,
@@ -453,17 +452,10 @@ def generate_site(profile: SiteProfile, seed: int = 0) -> SiteData:
     )
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def _write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # synthetic data; mkstemp's 0600 would lock out other readers
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # synthetic data, so readable by others (mkstemp alone would make it owner-only)
+    write_atomic(path, text, mode=0o644)
 
 
 def _jsonl(records: Iterable[dict[str, Any]]) -> str:
@@ -508,10 +500,10 @@ def write_federation(
     for profile in profiles:
         data = generate_site(profile, seed)
         site_dir = out_dir / profile.name
-        _write_atomic(site_dir / "train.jsonl", _jsonl(data.train))
-        _write_atomic(site_dir / "test.jsonl", _jsonl(data.test))
-        _write_atomic(site_dir / "instruct-train.jsonl", _jsonl(data.instruct_train))
-        _write_atomic(site_dir / "instruct-test.jsonl", _jsonl(data.instruct_test))
+        _write(site_dir / "train.jsonl", _jsonl(data.train))
+        _write(site_dir / "test.jsonl", _jsonl(data.test))
+        _write(site_dir / "instruct-train.jsonl", _jsonl(data.instruct_train))
+        _write(site_dir / "instruct-test.jsonl", _jsonl(data.instruct_test))
         summaries.append(summarize_site(data))
         logger.info(
             "wrote %s: %d train, %d test records", site_dir, len(data.train), len(data.test)
@@ -530,5 +522,5 @@ def write_federation(
         heterogeneity=float(heterogeneity),
         records_per_site=records_per_site or DEFAULT_MEAN_RECORDS,
     )
-    _write_atomic(out_dir / "federation.json", json.dumps(summary.to_json(), indent=2) + "\n")
+    _write(out_dir / "federation.json", json.dumps(summary.to_json(), indent=2) + "\n")
     return summary
