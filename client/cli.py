@@ -192,12 +192,16 @@ def _train(args: argparse.Namespace) -> int:
     from client.train import schedule_over, train_local
     from common.adapter import get_adapter_state, save_adapter
     from common.evaluation import evaluate, load_eval_file
+    from common.files import check_writable, write_atomic
     from common.model import build_model, set_threads
 
     cfg = _config(args)
     epochs = args.epochs or cfg.train.local_epochs
     if epochs < 1:
         raise ValueError("--epochs must be at least 1")
+    for flag, path in (("--out", args.out), ("--metrics", args.metrics)):
+        if path is not None:  # refuse a path it cannot write before training, not after
+            check_writable(path.parent, flag)
     threads = set_threads(cfg.train.num_threads)
     site = load_site(args.data, cfg)
     if len(site.val) == 0:
@@ -249,7 +253,7 @@ def _train(args: argparse.Namespace) -> int:
         save_adapter(get_adapter_state(model), model.peft_config["default"], args.out)
         print(f"adapter written to {args.out}")
     if args.metrics:
-        args.metrics.write_text(json.dumps(summary, indent=2, allow_nan=True) + "\n")
+        write_atomic(args.metrics, json.dumps(summary, indent=2, allow_nan=True) + "\n")
     return EXIT_OK
 
 

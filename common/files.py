@@ -28,10 +28,10 @@ def storage_error(error: OSError, path: Path, what: str, then: str = "") -> Stor
     where = f"{what} {path}"
     if error.errno in _FULL:
         free = _free_bytes(path)
-        shown = f", {free / 1e6:.1f} MB free" if free is not None else ""
+        shown = f"; {free / 1e6:.1f} MB free now" if free is not None else ""
         message = (
-            f"{where}: the disk is full ({error.strerror}{shown}); free space there or point "
-            f"{what} at a disk with room"
+            f"{where}: the disk is full ({error.strerror}{shown}); free space on that disk "
+            "or choose a directory on another"
         )
     elif error.errno in _DENIED:
         message = (

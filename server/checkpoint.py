@@ -84,8 +84,8 @@ def write_checkpoint(
             e,
             root,
             "checkpoint directory",
-            then=f"Round {server_round}'s checkpoint was not kept; resume the run from its last "
-            "complete checkpoint once this is fixed",
+            then=f"Round {server_round}'s checkpoint was not written; once fixed, resume the "
+            "run from its last complete checkpoint",
         ) from e
     return target
 
