@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, Context
@@ -26,7 +25,7 @@ from common.wire import from_record, to_record
 from server.checkpoint import resume_checkpoint, write_checkpoint
 from server.checks import UpdateRules
 from server.federation import CentralEvaluation, Metrics, RoundOutcome, RoundPlan, run_rounds
-from server.runlog import finish_run, progress_line, start_run, write_rounds
+from server.runlog import append_round, finish_run, keep_rounds, progress_line, start_run
 from server.strategy import build_strategy, restore_server_state, server_state
 
 # A child of Flower's logger, so that progress lines reach the stream `flwr run` shows.
@@ -49,19 +48,18 @@ def main(grid: Grid, context: Context) -> None:
     peft_config = model.peft_config["default"]
     initial = get_adapter_state(model)
     strategy = build_strategy(fed)
-    history: list[dict[str, Any]] = []
-    first_round = 1
+    first_round, elapsed_before = 1, 0.0
     if fed.resume:
         checkpoint = resume_checkpoint(run_dir, cfg.digest(), cfg.flat())
         initial = {key: checkpoint.adapter[key] for key in initial}  # the model's key order
         restore_server_state(strategy, checkpoint.server_state, list(initial))
-        history = list(checkpoint.state.get("metrics", []))
         first_round = checkpoint.round + 1
-        write_rounds(run_dir, history)
+        elapsed_before = float(checkpoint.state.get("seconds", 0.0))
+        keep_rounds(run_dir, checkpoint.round)
         log.info("resuming %s after round %d of %d", run_dir, checkpoint.round, fed.rounds)
     warn_if_short(run_dir, _bytes_needed(initial, fed.rounds - first_round + 1), "run directory")
     start_run(run_dir, cfg, context.run_id, first_round - 1 if fed.resume else None)
-    started = time.monotonic() - (float(history[-1].get("seconds", 0.0)) if history else 0.0)
+    started = time.monotonic() - elapsed_before
 
     run_state = {
         "config-digest": cfg.digest(),
@@ -74,15 +72,15 @@ def main(grid: Grid, context: Context) -> None:
     }
 
     def after_round(outcome: RoundOutcome) -> None:
+        # The metrics line first, then the checkpoint that vouches for it: a crash between
+        # the two leaves a line that resume cuts (keep_rounds) and a round that runs again.
         elapsed = time.monotonic() - started
-        row = {**outcome.row(), "seconds": round(elapsed, 3)}
-        history.append(row)
-        state = {**run_state, "metrics": history}
+        append_round(run_dir, {**outcome.row(), "seconds": round(elapsed, 3)})
+        state = {**run_state, "seconds": round(elapsed, 3)}
         adapter = from_record(outcome.arrays)
         write_checkpoint(
             run_dir, outcome.round, adapter, peft_config, state, server_state(strategy)
         )
-        write_rounds(run_dir, history)
         log.info(progress_line(outcome, fed.rounds, elapsed))
 
     plan = RoundPlan(

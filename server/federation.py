@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -23,6 +24,8 @@ from server.checks import UpdateRules, screen
 from server.strategy import RoundFailed
 
 log = logging.getLogger(__name__)
+
+_ERROR_REASONS = {ErrorCode.NODE_UNAVAILABLE: "site-offline"}
 
 Metrics = dict[str, int | float]
 CentralEvaluation = Callable[[int, ArrayRecord], Metrics]
@@ -199,9 +202,10 @@ def _in_node_order(replies: Iterable[Message]) -> list[Message]:
 def _dropped(sent: list[Message], replies: list[Message]) -> list[dict[str, object]]:
     """Sites that sent an error or nothing in time, with a reason code (never error text,
     which may quote a site's records)."""
-    answered = {r.metadata.src_node_id for r in replies}
+    site = _site_answering(sent)
+    answered = {site(r) for r in replies}
     dropped: list[dict[str, object]] = [
-        {"node": r.metadata.src_node_id, "reason": f"site-error-{r.error.code}"}
+        {"node": site(r), "reason": _ERROR_REASONS.get(r.error.code, f"site-error-{r.error.code}")}
         for r in replies
         if r.has_error()
     ]
@@ -211,6 +215,13 @@ def _dropped(sent: list[Message], replies: list[Message]) -> list[dict[str, obje
         if m.metadata.dst_node_id not in answered
     ]
     return dropped
+
+
+def _site_answering(sent: list[Message]) -> Callable[[Message], int]:
+    """The site a reply stands for: the node its message went to. An error reply for a site
+    that went offline comes from the SuperLink itself, not from the site."""
+    sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in sent if m.metadata.message_id}
+    return lambda reply: sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
 
 def _payload_bytes(message: Message) -> int:

@@ -8,17 +8,20 @@ round) and the progress line shown per round. Numbers and settings only, never s
 from __future__ import annotations
 
 import json
+import logging
+import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common.config import FedtuneConfig
-from common.files import write_atomic
+from common.files import storage_error, write_atomic
 
 if TYPE_CHECKING:
     from server.federation import RoundOutcome
 
+log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
 
@@ -53,11 +56,54 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     return dict(json.loads(path.read_text())) if path.is_file() else {}
 
 
-def write_rounds(run_dir: Path, rows: Sequence[Mapping[str, object]]) -> None:
-    """Replace metrics.jsonl with `rows`, atomically: rewritten whole after each round (a few
-    kB), so a crash or a full disk never leaves half a line; on resume, the rounds the
-    checkpoint vouches for."""
+def append_round(run_dir: Path, row: Mapping[str, object]) -> None:
+    """Add one round's line to metrics.jsonl, durably. If the write fails (a full disk), the
+    file is cut back to its previous length: no half line stays behind."""
+    path = run_dir / METRICS_FILE
+    with path.open("ab") as f:
+        size = f.tell()
+        try:
+            f.write((json.dumps(row) + "\n").encode())
+            f.flush()
+            os.fsync(f.fileno())
+        except OSError as e:
+            f.truncate(size)
+            raise storage_error(
+                e, run_dir, "run directory", then=_resume_hint(int(str(row["round"])))
+            ) from e
+
+
+def read_rounds(run_dir: Path) -> list[dict[str, Any]]:
+    """The rows of metrics.jsonl by round; a resumed round's last row wins, and an
+    unreadable line (from a crash mid-write) is skipped."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    rows: dict[int, dict[str, Any]] = {}
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            rows[int(row["round"])] = row
+        except (ValueError, KeyError, TypeError):
+            log.warning("%s:%d: not a round's metrics; skipped", path, number)
+    return [rows[r] for r in sorted(rows)]
+
+
+def keep_rounds(run_dir: Path, last: int) -> list[dict[str, Any]]:
+    """On resume after round `last`: cut metrics.jsonl to the rounds up to it (a round whose
+    line was written but whose checkpoint was not is done again); returns them."""
+    rows = [r for r in read_rounds(run_dir) if int(r["round"]) <= last]
     write_atomic(run_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def _resume_hint(server_round: int) -> str:
+    return (
+        f"Round {server_round} was not recorded; once fixed, resume the run from its last "
+        "complete checkpoint"
+    )
 
 
 def progress_line(outcome: RoundOutcome, rounds: int, elapsed: float) -> str:

@@ -6,7 +6,6 @@ Only a researcher's simulation can do this: the synthetic sites' files are on th
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -18,6 +17,7 @@ from common.adapter import load_adapter, set_adapter_state
 from common.config import FedtuneConfig
 from common.evaluation import evaluate, load_eval_file
 from common.model import build_model, set_threads
+from server.runlog import read_rounds
 
 log = logging.getLogger(__name__)
 
@@ -117,24 +117,6 @@ def comparison(
             for mode in missing
         ]
     return lines
-
-
-def read_rounds(run_dir: Path) -> list[Round]:
-    """The rows of RUN_DIR/metrics.jsonl by round; a resumed round's last row wins, and an
-    unreadable line (a crash mid-write) is skipped."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    rows: dict[int, Round] = {}
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            rows[int(row["round"])] = row
-        except (ValueError, KeyError, TypeError):
-            log.warning("%s:%d: not a round's metrics; skipped", path, number)
-    return [rows[r] for r in sorted(rows)]
 
 
 def plot_rounds(rounds: Sequence[Round], plots_dir: Path) -> dict[str, Path]:

@@ -9,7 +9,7 @@ import http.client
 import json
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -142,6 +142,57 @@ def test_a_coordinator_killed_mid_run_resumes_from_its_checkpoint(
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2, 3]
     assert all(r["sites-ok"] == 3 for r in rows)
+
+
+def test_a_site_killed_mid_round_costs_its_update_and_rejoins_later(
+    federation: LocalDeployment,
+) -> None:
+    config = federation.root / "site-fault.toml"
+    config.write_text(
+        (federation.root / "experiment.toml")
+        .read_text()
+        .replace("rounds = 2", "rounds = 4")
+        .replace("min-sites = 3", "min-sites = 2\nround-timeout = 150.0")
+    )
+    victim = next(p for p in federation.sites if str(federation.root / "site-3") in p.args)
+    node = next(s.node_id for s in list_sites(federation.home) if s.name == "site-3")
+    site_log = federation.root / "site-3.out"
+    tasks_before = site_log.read_text().count("Receiving: train message")
+    before = set(federation.home.runs.glob("run-*"))
+    with (federation.root / "site-fault-run.out").open("w") as out:
+        submitted = subprocess.Popen(
+            [str(BIN / "fedtune-server"), "run", "--home", str(federation.home.root),
+             "--config", str(config)],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        _wait_for(lambda: site_log.read_text().count("Receiving: train message") > tasks_before)
+        kill_tree(victim.pid)  # the site's machine dies while it trains round 1
+        victim.wait()
+        federation.sites.remove(victim)
+        run_dir = _wait_for_round(federation, before, 1)
+        federation.start_site("site-3", 3)  # the site comes back, same key and data
+        assert submitted.wait(timeout=1200) == 0, federation.root / "site-fault-run.out"
+    finally:
+        stop_tree(submitted.pid)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2, 3, 4]
+    (dropped,) = rows[0]["dropped"]
+    assert dropped["node"] == int(node)
+    assert dropped["reason"] in {"site-offline", "no-reply-within-round-timeout"}
+    assert rows[0]["sites-ok"] == 2 and str(node) not in rows[0]["sites"]
+    assert rows[-1]["sites-ok"] == 3 and "train" in rows[-1]["sites"][str(node)]
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "completed"
+    adapter = read_checkpoint(latest_checkpoint(run_dir)).adapter  # type: ignore[arg-type]
+    assert all(bool(t.isfinite().all()) for t in adapter.values())
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.5)
 
 
 def _wait_for_round(federation: LocalDeployment, before: set[Path], round_: int) -> Path:

@@ -11,12 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
 
 from client.app import evaluate, train
 from common.adapter import load_adapter
 from server.app import main
 from server.checkpoint import latest_checkpoint, read_checkpoint
+from server.federation import _dropped
 from server.strategy import RoundFailed
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -211,3 +213,19 @@ def test_sites_that_never_connect_fail_with_a_clear_message(
     config = _config(tiny_bert_dir, tmp_path, **{"federation.min-sites": 5})
     with pytest.raises(Exception, match=r"only 3 of the 5 sites .* within 1 s"):
         _run(HandlerGrid(config, sites))
+
+
+def test_a_site_gone_offline_is_dropped_under_its_own_node_id() -> None:
+    # The SuperLink answers for a site that went offline: the error reply's source is the
+    # SuperLink (node 0), and only its reply_to id says which site it stands for.
+    sent = [Message(RecordDict(), dst_node_id=node, message_type="train") for node in (11, 12, 13)]
+    for n, message in enumerate(sent):
+        message.metadata.__dict__["_message_id"] = f"m{n}"
+    replies = [Message(RecordDict(), reply_to=sent[0])]
+    offline = Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="offline"), reply_to=sent[1])
+    offline.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
+    replies.append(offline)
+    assert _dropped(sent, replies) == [
+        {"node": 12, "reason": "site-offline"},
+        {"node": 13, "reason": "no-reply-within-round-timeout"},
+    ]

@@ -39,7 +39,7 @@ def test_two_sites_two_rounds_write_the_run_directory(tiny_bert_dir: Path, tmp_p
     latest = latest_checkpoint(run_dir)
     assert latest is not None and latest.name == "round-0002"
     checkpoint = read_checkpoint(latest)  # verifies the sha256 manifest
-    assert checkpoint.round == 2 and len(checkpoint.state["metrics"]) == 2
+    assert checkpoint.round == 2 and checkpoint.state["seconds"] > 0
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
     assert all(r["bytes-up"] > 0 and r["bytes-down"] > 0 and "f1" in r["evaluate"] for r in rows)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from test_federation import HandlerGrid, _config, _run
 from client import cli as site_cli
 from common.files import StorageError, check_writable, write_atomic
 from server.checkpoint import latest_checkpoint, read_checkpoint, verify_checkpoint
+from server.runlog import append_round, keep_rounds, read_rounds
 from simulations import cli as sim_cli
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -120,6 +122,26 @@ def test_a_failed_atomic_write_keeps_the_old_content_and_leaves_no_temporary(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json"]
 
 
+def test_a_failed_metrics_line_is_cut_back_and_a_line_without_checkpoint_is_dropped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for n in (1, 2, 3):
+        append_round(tmp_path, {"round": n, "train": {"train-loss": 1.0 / n}})
+    before = (tmp_path / "metrics.jsonl").read_bytes()
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "fsync", full)
+        with pytest.raises(StorageError, match="the disk is full"):
+            append_round(tmp_path, {"round": 4, "train": {"train-loss": 0.25}})
+    assert (tmp_path / "metrics.jsonl").read_bytes() == before  # no half line
+    # Round 3's line was written but its checkpoint was not: resuming after round 2 cuts it.
+    assert [r["round"] for r in keep_rounds(tmp_path, 2)] == [1, 2]
+    assert [r["round"] for r in read_rounds(tmp_path)] == [1, 2]
+
+
 def _unshare_works() -> bool:
     if shutil.which("unshare") is None:
         return False
@@ -167,25 +189,32 @@ def test_fill_the_disk_in_round_2(tiny_bert_dir: Path, sites: dict[int, Path]) -
         _run(HandlerGrid(config, sites, tamper={node: fill_in_round_2}))
     run_dir = disk / "runs" / "run-1"
     message = str(caught.value)
-    assert message.startswith(f"checkpoint directory {run_dir / 'checkpoints'}: the disk is full")
+    # The first write that does not fit fails: round 2's metrics line or its checkpoint.
+    assert re.match(
+        rf"(run directory {run_dir}|checkpoint directory {run_dir}/checkpoints): "
+        "the disk is full",
+        message,
+    ), message
     assert "free space on that disk" in message and "resume the run" in message
 
     # Nothing half-written: round 1's checkpoint verifies and is the latest, no staging
-    # directory or temporary file is left, metrics.jsonl holds exactly round 1.
+    # directory or temporary file is left, every metrics line is whole.
     checkpoint = latest_checkpoint(run_dir)
     assert checkpoint is not None and checkpoint.name == "round-0001"
     verify_checkpoint(checkpoint)
-    leftovers = [p.name for p in run_dir.rglob(".*")]
-    assert leftovers == []
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == [1]
+    assert [p.name for p in run_dir.rglob(".*")] == []
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["round"] for line in lines] in ([1], [1, 2])
     assert json.loads((run_dir / "run.json").read_text())["status"] == "running"
 
-    # Once space is freed, the run resumes from round 1's checkpoint and completes.
+    # Once space is freed, the run resumes from round 1's checkpoint and completes, with
+    # one line per round (a round 2 line without its checkpoint is cut, then written anew).
     filler.unlink()
     _run(HandlerGrid({**config, "federation.resume": str(run_dir)}, sites), run_id=2)
     assert json.loads((run_dir / "run.json").read_text())["status"] == "completed"
     assert read_checkpoint(latest_checkpoint(run_dir)).round == 3  # type: ignore[arg-type]
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["round"] for line in lines] == [1, 2, 3]
 
 
 def _fill(path: Path) -> None:
