@@ -1,7 +1,10 @@
 """The Flower ClientApp (`[tool.flwr.app.components] clientapp`): glue only.
 
 Each handler unpacks the message into a `Task`, has it carried out, and packs a reply
-holding the adapter and numeric metrics, nothing else; server/app.py drives it. The work is
+holding the adapter and numeric metrics, nothing else; server/app.py drives it. A failure
+leaves the site as an error reply with a code and the exception's type only: Flower would
+otherwise send the exception's text, which may quote a record, and the coordinator would
+store it. The work is
 done by the site's warm worker when the node config names one (`worker-socket`, set by
 `fedtune-site start`), otherwise in this process (simulation, or a site without a worker).
 This module imports no torch, so a ClientApp process that forwards to the worker starts in
@@ -10,20 +13,66 @@ the time it takes to import Flower.
 
 from __future__ import annotations
 
+import functools
 import logging
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 
-from client.task import Result, Task
+from client.task import Result, Task, failure_reason
+from client.worker import WorkerError, WorkerUnavailable, ask
 
 log = logging.getLogger(__name__)
 app = ClientApp()
+Handler = Callable[[Message, Context], Message]
+
+
+def _guarded(handler: Handler) -> Handler:
+    """Turn any failure into an error reply that carries no text from the site's data."""
+
+    @functools.wraps(handler)
+    def run(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as e:
+            error_type = e.error_type if isinstance(e, WorkerError) else type(e).__name__
+            _log_failure(msg, context, e)
+            error = Error(
+                code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=failure_reason(error_type)
+            )
+            return Message(error, reply_to=msg)
+
+    return run
+
+
+def _log_failure(msg: Message, context: Context, error: Exception) -> None:
+    """The full text goes to the site's own log. A simulation's ClientApps log into the
+    stream the researcher's `flwr run` shows beside the ServerApp's, so there only the
+    type and the frames are logged."""
+    what = f"{msg.metadata.message_type} task failed"
+    if "partition-id" in context.node_config:
+        frames = "".join(traceback.format_tb(error.__traceback__))
+        log.error("%s: %s (message withheld in simulation)\n%s", what, type(error).__name__, frames)
+    else:
+        log.error(what, exc_info=error)
 
 
 @app.train()
+@_guarded
 def train(msg: Message, context: Context) -> Message:
     """Train the received global adapter on this site's data; reply with the new adapter."""
     config = _config_record(msg)
@@ -44,6 +93,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@_guarded
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the received global adapter on this site's validation (or test) split."""
     split = str(_config_record(msg).get("split", "val"))
@@ -56,8 +106,6 @@ def _carry_out(task: Task, context: Context) -> Result:
     """By the warm worker when there is one, else here (the same code either way)."""
     worker = context.node_config.get("worker-socket")
     if worker:
-        from client.worker import WorkerUnavailable, ask
-
         try:
             return ask(Path(str(worker)), task)
         except WorkerUnavailable:

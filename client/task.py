@@ -11,6 +11,13 @@ import numpy as np
 
 Op = Literal["train", "evaluate"]
 Metrics = dict[str, int | float]
+TASK_FAILED = "site-task-failed"
+
+
+def failure_reason(error_type: str) -> str:
+    """What leaves the site when a task fails: a code and the exception's type, never its
+    text, which may quote a record."""
+    return f"{TASK_FAILED} ({error_type})"
 
 
 @dataclass(frozen=True)

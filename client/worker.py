@@ -32,7 +32,7 @@ import numpy as np
 from safetensors.numpy import load as load_arrays
 from safetensors.numpy import save as save_arrays
 
-from client.task import Result, Task
+from client.task import TASK_FAILED, Result, Task, failure_reason
 
 log = logging.getLogger(__name__)
 LENGTH = struct.Struct(">Q")
@@ -41,7 +41,11 @@ POLL = 1.0
 
 
 class WorkerError(RuntimeError):
-    """The worker could not do the task; carries a code and the exception type only."""
+    """The worker could not do the task; carries the exception's type only."""
+
+    def __init__(self, error_type: str) -> None:
+        super().__init__(failure_reason(error_type))
+        self.error_type = error_type
 
 
 class WorkerUnavailable(ConnectionError):
@@ -94,7 +98,7 @@ def ask(socket_path: Path, task: Task) -> Result:
         _send(connection, task.header(), task.arrays)
         header, arrays = _receive(connection)
     if not header.get("ok"):
-        raise WorkerError(f"site worker failed: {header.get('code')} ({header.get('type')})")
+        raise WorkerError(str(header.get("type")))
     return Result(arrays, dict(header["metrics"]))  # type: ignore[call-overload]
 
 
@@ -110,7 +114,7 @@ def _answer(connection: socket.socket, perform: Callable[[Task], Result]) -> Non
         log.warning("the ClientApp went away mid-task: %s", type(e).__name__)
     except Exception as e:
         log.exception("task failed")  # the full text stays in this site's log
-        reply = {"ok": False, "code": "site-task-failed", "type": type(e).__name__}
+        reply = {"ok": False, "code": TASK_FAILED, "type": type(e).__name__}
         with contextlib.suppress(OSError):
             _send(connection, reply, {})
 

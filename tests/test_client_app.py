@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 
+from client import rounds
 from client.app import evaluate, train
 from client.dataset import load_site
 from client.rounds import site_data_path
@@ -129,3 +131,67 @@ def test_site_data_path_for_deployment_and_simulation() -> None:
     assert site_data_path({"partition-id": 2}, cfg) == Path("/fed/site-3/train.jsonl")
     with pytest.raises(ValueError, match="data-path"):
         site_data_path({}, cfg)
+
+
+CANARY = "CANARY-4f1d9e-Jane-Roe-MRN-0042"
+
+
+def _poisoned(text_file: Path, tmp_path: Path) -> Path:
+    """The site's records plus one carrying the canary."""
+    poisoned = tmp_path / "site.jsonl"
+    row = json.dumps({"text": f"seen by {CANARY} today", "label": 1})
+    poisoned.write_text(text_file.read_text() + row + "\n")
+    return poisoned
+
+
+@pytest.mark.parametrize("where", ["deployment", "simulation"])
+def test_a_failing_task_replies_with_a_code_and_type_and_never_the_text(
+    run_config,
+    text_file: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    where: str,
+) -> None:
+    # Libraries quote their input in errors (a tokenizer, a collator): here the site's
+    # training raises an error whose text holds the canary record.
+    poisoned = _poisoned(text_file, tmp_path)
+
+    def quoting(task: object, data_path: Path) -> None:
+        last = json.loads(data_path.read_text().splitlines()[-1])
+        raise ValueError(f"cannot encode record {last['text']!r}")
+
+    monkeypatch.setattr(rounds, "perform", quoting)
+    context = _context(run_config, poisoned)
+    if where == "simulation":  # a simulated site: its log shares the researcher's stream
+        context.node_config = {"data-path": str(poisoned), "partition-id": 0}
+    start = to_record(_global(run_config))
+    with caplog.at_level("ERROR", logger="client.app"):
+        replies = [
+            train(_message("train", start, **{"server-round": 1}), context),
+            evaluate(_message("evaluate", start), context),
+        ]
+    for reply in replies:
+        assert reply.has_error() and reply.error.reason == "site-task-failed (ValueError)"
+        assert reply.metadata.reply_to_message_id == "m-1" and not reply.has_content()
+    logged = caplog.text
+    assert "train task failed" in logged and "evaluate task failed" in logged
+    if where == "deployment":
+        assert CANARY in logged  # the full story stays in the site's own log
+    else:
+        assert CANARY not in logged
+
+
+def test_our_own_data_errors_never_quote_a_record(
+    run_config, text_file: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    poisoned = tmp_path / "site.jsonl"
+    row = json.dumps({"text": "note", "label": CANARY})
+    poisoned.write_text(text_file.read_text() + row + "\n")
+    with caplog.at_level("ERROR", logger="client.app"):
+        reply = train(
+            _message("train", to_record(_global(run_config)), **{"server-round": 1}),
+            _context(run_config, poisoned),
+        )
+    assert reply.error.reason == "site-task-failed (DataError)"
+    assert "line 97" in caplog.text and CANARY not in caplog.text
