@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -35,6 +36,7 @@ from flwr.common.constant import ErrorCode
 
 from client.task import Result, Task, failure_reason
 from client.worker import WorkerError, WorkerUnavailable, ask
+from common.signing import check_seal, load_verify_key
 
 log = logging.getLogger(__name__)
 app = ClientApp()
@@ -79,7 +81,7 @@ def train(msg: Message, context: Context) -> Message:
     task = Task(
         "train",
         dict(context.run_config),
-        _arrays(msg),
+        _checked_arrays(msg, context),
         server_round=int(config.get("server-round", 1)),
         proximal_mu=float(config.get("proximal-mu", 0.0)),
     )
@@ -97,7 +99,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the received global adapter on this site's validation (or test) split."""
     split = str(_config_record(msg).get("split", "val"))
-    task = Task("evaluate", dict(context.run_config), _arrays(msg), split=split)
+    task = Task("evaluate", dict(context.run_config), _checked_arrays(msg, context), split=split)
     metrics = _carry_out(task, context).metrics
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
@@ -117,10 +119,28 @@ def _carry_out(task: Task, context: Context) -> Result:
     return perform(task, site_data_path(context.node_config, cfg))
 
 
-def _arrays(msg: Message) -> dict[str, np.ndarray]:
+def _checked_arrays(msg: Message, context: Context) -> dict[str, np.ndarray]:
+    """The global adapter, once its signature verifies against the coordinator key this site
+    was given (node config `coordinator-key`; `simulation.verify-key` for simulated sites).
+    A site without a key takes the adapter unchecked."""
     record = msg.content["arrays"]
     assert isinstance(record, ArrayRecord)
-    return {key: record[key].numpy() for key in record}
+    arrays = {key: record[key].numpy() for key in record}
+    simulated = "partition-id" in context.node_config
+    key_path = context.node_config.get("coordinator-key") or (
+        context.run_config.get("simulation.verify-key") if simulated else None
+    )
+    if key_path:
+        config = _config_record(msg)
+        server_round = int(str(config.get("server-round", 0)))
+        key = _verify_key(str(key_path))
+        check_seal(key, context.run_id, server_round, arrays, dict(config))
+    return arrays
+
+
+@functools.cache
+def _verify_key(path: str) -> Ed25519PublicKey:
+    return load_verify_key(Path(path))
 
 
 def _config_record(msg: Message) -> ConfigRecord:

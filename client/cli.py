@@ -101,6 +101,12 @@ def _parser() -> argparse.ArgumentParser:
     start.add_argument(
         "--ca", type=Path, required=True, help="the coordinator's CA certificate (ca.pem)"
     )
+    start.add_argument(
+        "--coordinator-key",
+        type=Path,
+        help="the coordinator's public signing key (its signing.pub): the site refuses any "
+        "global adapter whose signature does not verify against it",
+    )
     start.add_argument("--key", type=Path, help="private key (default: HOME/site.key)")
     start.add_argument(
         "--port", type=int, default=9094, help="local port of the SuperNode's runtime API"
@@ -285,6 +291,7 @@ def _start(args: argparse.Namespace) -> int:
     from client.identity import check_private_key
     from client.supernode import site_home, supernode_command, worker_command
     from common.flower import flower_env
+    from common.signing import load_verify_key
 
     home = site_home(args.home)
     key = args.key or home / "site.key"
@@ -293,6 +300,15 @@ def _start(args: argparse.Namespace) -> int:
         x509.load_pem_x509_certificate(args.ca.read_bytes())
     except ValueError as e:
         raise ValueError(f"{args.ca}: not a PEM certificate; use the coordinator's ca.pem") from e
+    if args.coordinator_key is not None:
+        load_verify_key(args.coordinator_key)  # a wrong file fails here, not in round 1
+        print(f"global adapters must be signed by the coordinator key {args.coordinator_key}")
+    else:
+        print(
+            "warning: no --coordinator-key: this site will train on any adapter it is sent; "
+            "ask the coordinator for its signing.pub",
+            file=sys.stderr,
+        )
     code = _check(args)
     if code == EXIT_INVALID:
         print(f"fedtune-site start: {args.data} is not valid; fix it before joining")
@@ -322,6 +338,7 @@ def _start(args: argparse.Namespace) -> int:
         args.host,
         args.isolation,
         socket_path,
+        args.coordinator_key,
     )
     flwr_home = home / "flwr-home"
     flwr_home.mkdir(mode=0o700, parents=True, exist_ok=True)

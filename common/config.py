@@ -257,6 +257,11 @@ class FederationSettings(_Section):
     max_examples: int = Field(10_000_000, ge=1)
     """Drop an update whose num-examples (its weight in the average) is above this."""
 
+    signing_key: str = ""
+    """The coordinator's Ed25519 private key file (absolute path): every global adapter sent
+    is signed with it, and sites given the matching public key refuse anything else.
+    `fedtune-server run` and `fedtune-sim run` set it; empty: adapters go unsigned."""
+
 
 class SimulationSettings(_Section):
     """Where simulated sites find their data (deployed sites use node config data-path)."""
@@ -278,6 +283,11 @@ class SimulationSettings(_Section):
     records_per_site: int = Field(400, ge=0)
     """Mean records per synthetic site (before the site's own validation and test splits);
     0 uses the generator's default (575). 400 keeps the default run to a few minutes."""
+
+    verify_key: str = ""
+    """Simulated sites only: the coordinator's public signing key they check adapters
+    against (`fedtune-sim run` sets it). A deployed site is given its key as node config
+    `coordinator-key`, never by the coordinator."""
 
 
 class FedtuneConfig(_Section):
@@ -316,7 +326,13 @@ class FedtuneConfig(_Section):
 
 # Settings that do not change a run's result: where it is written, which run it resumes,
 # how long it waits for sites to connect.
-DIGEST_EXEMPT = ("federation.resume", "federation.run-dir", "federation.connect-timeout")
+DIGEST_EXEMPT = (
+    "federation.resume",
+    "federation.run-dir",
+    "federation.connect-timeout",
+    "federation.signing-key",
+    "simulation.verify-key",
+)
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

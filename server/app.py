@@ -1,8 +1,9 @@
 """The Flower ServerApp (`[tool.flwr.app.components] serverapp`): glue only.
 
 Builds the strategy, starts from the shared initial adapter or, with `federation.resume`,
-from the run's last good checkpoint, runs the rounds (server/federation.py), and after each
-one writes a verified checkpoint, a metrics line and a progress line.
+from the run's last good checkpoint, runs the rounds (server/federation.py), signing every
+adapter it sends when it has a key (`federation.signing-key`), and after each round writes
+a metrics line, an audit entry, a verified checkpoint and a progress line.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from peft import PeftModel
@@ -21,10 +23,19 @@ from common.config import FedtuneConfig, load_config
 from common.evaluation import evaluate, load_eval_file
 from common.files import check_writable, warn_if_short
 from common.model import build_model
+from common.signing import load_signing_key, seal
 from common.wire import from_record, to_record
+from server.audit import append_entry, round_entry
 from server.checkpoint import resume_checkpoint, write_checkpoint
 from server.checks import UpdateRules
-from server.federation import CentralEvaluation, Metrics, RoundOutcome, RoundPlan, run_rounds
+from server.federation import (
+    CentralEvaluation,
+    Metrics,
+    RoundOutcome,
+    RoundPlan,
+    Seal,
+    run_rounds,
+)
 from server.runlog import append_round, finish_run, keep_rounds, progress_line, start_run
 from server.strategy import build_strategy, restore_server_state, server_state
 
@@ -48,6 +59,7 @@ def main(grid: Grid, context: Context) -> None:
     peft_config = model.peft_config["default"]
     initial = get_adapter_state(model)
     strategy = build_strategy(fed)
+    key = load_signing_key(Path(fed.signing_key)) if fed.signing_key else None
     first_round, elapsed_before = 1, 0.0
     if fed.resume:
         checkpoint = resume_checkpoint(run_dir, cfg.digest(), cfg.flat())
@@ -56,6 +68,7 @@ def main(grid: Grid, context: Context) -> None:
         first_round = checkpoint.round + 1
         elapsed_before = float(checkpoint.state.get("seconds", 0.0))
         keep_rounds(run_dir, checkpoint.round)
+        append_entry(run_dir, {"event": "resumed", "after-round": checkpoint.round}, key)
         log.info("resuming %s after round %d of %d", run_dir, checkpoint.round, fed.rounds)
     warn_if_short(run_dir, _bytes_needed(initial, fed.rounds - first_round + 1), "run directory")
     start_run(run_dir, cfg, context.run_id, first_round - 1 if fed.resume else None)
@@ -76,6 +89,7 @@ def main(grid: Grid, context: Context) -> None:
         # the two leaves a line that resume cuts (keep_rounds) and a round that runs again.
         elapsed = time.monotonic() - started
         append_round(run_dir, {**outcome.row(), "seconds": round(elapsed, 3)})
+        append_entry(run_dir, round_entry(outcome), key)
         state = {**run_state, "seconds": round(elapsed, 3)}
         adapter = from_record(outcome.arrays)
         write_checkpoint(
@@ -101,6 +115,7 @@ def main(grid: Grid, context: Context) -> None:
             plan,
             after_round,
             central_evaluation(cfg, model) if fed.eval_file else None,
+            _sealer(key, context.run_id),
         )
     except Exception as e:
         try:
@@ -111,6 +126,15 @@ def main(grid: Grid, context: Context) -> None:
     save_adapter(from_record(final), peft_config, run_dir / "adapter")
     finish_run(run_dir, "completed", rounds=fed.rounds)
     log.info("run finished: adapter, checkpoints and metrics in %s", run_dir)
+
+
+def _sealer(key: Ed25519PrivateKey | None, run_id: int) -> Seal | None:
+    """Signs each adapter sent, so that sites can refuse one that is not the coordinator's."""
+    if key is None:
+        return None
+    return lambda server_round, arrays: seal(
+        key, run_id, server_round, {name: arrays[name].numpy() for name in arrays}
+    )
 
 
 def _bytes_needed(adapter: dict[str, torch.Tensor], rounds: int) -> int:

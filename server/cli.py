@@ -176,7 +176,9 @@ def _ca(args: argparse.Namespace, home: CoordinatorHome) -> int:
     issue_server_cert(tls.directory, hosts, args.days)
     digest = hashlib.sha256(tls.ca.read_bytes()).hexdigest()
     print(f"SuperLink certificate: {tls.cert} for {', '.join(hosts)}")
+    public = home.signing_key().with_suffix(".pub")
     print(f"Give {tls.ca} to every site; its sha256 is {digest}")
+    print(f"Give {public} to every site too: sites check every adapter's signature with it")
     print("Keep ca.key offline once certificates are issued; sites never need it.")
     return EXIT_OK
 
@@ -230,6 +232,7 @@ def _run(args: argparse.Namespace, home: CoordinatorHome) -> int:
     cfg = load_config({**app_defaults(), **keys})  # refuse a bad key before submitting
     keys.update(absolute_paths(cfg))
     check_writable(Path(str(keys["federation.run-dir"])), "federation.run-dir")
+    keys["federation.signing-key"] = str(home.signing_key())
     return _submit(home, keys, args.detach)
 
 
@@ -237,6 +240,7 @@ def _resume(args: argparse.Namespace, home: CoordinatorHome) -> int:
     from server.submit import app_defaults, resume_keys
 
     keys = resume_keys(args.run_dir)
+    keys["federation.signing-key"] = str(home.signing_key())
     load_config({**app_defaults(), **keys})
     return _submit(home, keys, args.detach)
 

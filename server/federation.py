@@ -29,6 +29,8 @@ _ERROR_REASONS = {ErrorCode.NODE_UNAVAILABLE: "site-offline"}
 
 Metrics = dict[str, int | float]
 CentralEvaluation = Callable[[int, ArrayRecord], Metrics]
+Seal = Callable[[int, ArrayRecord], dict[str, str | bytes]]
+"""Config entries that let a site check an adapter came from the coordinator (signing)."""
 
 
 class SitesMissing(RuntimeError):
@@ -104,14 +106,18 @@ def run_rounds(
     plan: RoundPlan,
     on_round: Callable[[RoundOutcome], None],
     central: CentralEvaluation | None = None,
+    seal: Seal | None = None,
 ) -> ArrayRecord:
-    """Run rounds `plan.first_round..plan.last_round`; returns the final global adapter."""
+    """Run rounds `plan.first_round..plan.last_round`; returns the final global adapter.
+    With `seal`, every adapter sent carries its signature in the message's config."""
+    sealed = seal or (lambda server_round, arrays: {})
     for server_round in range(plan.first_round, plan.last_round + 1):
         started = time.monotonic()
         wait_for_sites(grid, plan.min_sites, plan.connect_timeout)
         random.seed(f"{plan.seed}-{server_round}")  # Flower samples sites with `random`
         outcome = RoundOutcome(round=server_round, arrays=arrays, train={})
-        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+        config = ConfigRecord(sealed(server_round, arrays))
+        messages = list(strategy.configure_train(server_round, arrays, config, grid))
         outcome.asked = len(messages)
         outcome.bytes_down = sum(_payload_bytes(m) for m in messages)
         replies = _in_node_order(grid.send_and_receive(messages, timeout=plan.round_timeout))
@@ -135,7 +141,8 @@ def run_rounds(
             int(site["train"].get("num-examples", 0)) for site in outcome.sites.values()
         )
         if plan.evaluates(server_round):
-            outcome.evaluate = _evaluate(grid, strategy, server_round, arrays, plan, outcome)
+            config = ConfigRecord({"split": "val", **sealed(server_round, arrays)})
+            outcome.evaluate = _evaluate(grid, strategy, config, arrays, plan, outcome)
         if central is not None:
             outcome.central = central(server_round, arrays)
         outcome.seconds = time.monotonic() - started
@@ -146,12 +153,12 @@ def run_rounds(
 def _evaluate(
     grid: Grid,
     strategy: FedAvg,
-    server_round: int,
+    config: ConfigRecord,
     arrays: ArrayRecord,
     plan: RoundPlan,
     outcome: RoundOutcome,
 ) -> Metrics:
-    config = ConfigRecord({"split": "val"})
+    server_round = outcome.round
     messages = list(strategy.configure_evaluate(server_round, arrays, config, grid))
     outcome.bytes_down += sum(_payload_bytes(m) for m in messages)
     replies = _in_node_order(grid.send_and_receive(messages, timeout=plan.round_timeout))

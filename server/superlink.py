@@ -21,6 +21,7 @@ from pathlib import Path
 
 from common.files import write_atomic
 from common.flower import executable, flower_env
+from common.signing import PRIVATE_NAME, create_signing_key
 from server.pki import TlsFiles
 
 CONNECTION = "fedtune"
@@ -70,6 +71,21 @@ class CoordinatorHome:
     @property
     def sites(self) -> Path:
         return self.root / "sites.json"
+
+    @property
+    def signing(self) -> Path:
+        """The coordinator's Ed25519 key pair for signing adapters (signing.key, signing.pub)."""
+        return self.root / "signing"
+
+    def signing_key(self) -> Path:
+        """The private signing key, made on first use (never replaced); sites are given the
+        public half, `signing.pub`."""
+        private = self.signing / PRIVATE_NAME
+        if not private.is_file():
+            self.make()
+            self.signing.mkdir(mode=0o700, exist_ok=True)
+            create_signing_key(self.signing)
+        return private
 
     def make(self) -> None:
         """Create the home, readable by its owner only: runs hold adapters trained on

@@ -65,7 +65,8 @@ class LocalDeployment:
                 [str(BIN / "fedtune-site"), "start", "--home", str(self.root / name),
                  "--superlink", f"127.0.0.1:{self.port}", "--ca", str(self.home.tls.ca),
                  "--data", str(self.data / f"site-{number}" / "train.jsonl"),
-                 "--port", str(free_port()), *extra],
+                 "--port", str(free_port()),
+                 "--coordinator-key", str(self.home.signing / "signing.pub"), *extra],
                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
         self.sites.append(site)

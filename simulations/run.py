@@ -27,6 +27,7 @@ from common.flower import (
     stop,
     wait_for_port,
 )
+from common.signing import PRIVATE_NAME, PUBLIC_NAME, create_signing_key
 from server.runlog import read_run
 from server.submit import absolute_paths, app_defaults, config_keys, resume_keys, submit
 from simulations.baseline import load_baselines, train_baselines
@@ -60,6 +61,7 @@ def run_simulation(
     out = check_writable(out, "--out")  # and on a directory it cannot write
     data_dir = ensure_federation(cfg)
     keys.update(_absolute_paths(cfg, data_dir, out))
+    keys.update(_signing_keys(out))
     home = out / "flwr-home"
     home.mkdir(exist_ok=True)
     env = flower_env(
@@ -103,6 +105,19 @@ def run_simulation(
     print("\n".join(comparison(scores, baselines, command)))
     print(f"\nreport: {report}")
     return run_dir
+
+
+def _signing_keys(out: Path) -> dict[str, object]:
+    """The simulated coordinator signs its adapters and the simulated sites check them, as
+    in a deployment; the key pair is made once per output directory."""
+    directory = out / "signing"
+    if not (directory / PRIVATE_NAME).is_file():
+        directory.mkdir(mode=0o700, exist_ok=True)
+        create_signing_key(directory)
+    return {
+        "federation.signing-key": str(directory / PRIVATE_NAME),
+        "simulation.verify-key": str(directory / PUBLIC_NAME),
+    }
 
 
 def ensure_federation(cfg: FedtuneConfig) -> Path:

@@ -44,6 +44,7 @@ COMMANDS: dict[str, dict[str, set[str]]] = {
         "start": {
             "--superlink",
             "--ca",
+            "--coordinator-key",
             "--data",
             "--key",
             "--home",

@@ -38,12 +38,16 @@ class HandlerGrid(Grid):
         crash_in_round: int = 0,
         tamper: dict[int, Callable[[Message, Message], RecordDict]] | None = None,
         silent: dict[int, set[int]] | None = None,
+        node_config: dict[str, object] | None = None,
+        in_transit: dict[int, Callable[[Message], Message]] | None = None,
     ) -> None:
         self.run_config = run_config
         self.sites = sites
         self.crash_in_round = crash_in_round
         self.tamper = tamper or {}  # node -> what it sends instead of its honest reply
         self.silent = silent or {}  # node -> rounds it hangs or is cut off (no reply in time)
+        self.node_config = node_config or {}  # more node config for every site
+        self.in_transit = in_transit or {}  # node -> what alters its messages on the way
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.sites)
@@ -62,10 +66,12 @@ class HandlerGrid(Grid):
             context = Context(
                 run_id=1,
                 node_id=node,
-                node_config={"data-path": str(self.sites[node])},
+                node_config={"data-path": str(self.sites[node]), **self.node_config},
                 state=RecordDict(),
                 run_config=self.run_config,  # type: ignore[arg-type]
             )
+            if node in self.in_transit:
+                message = self.in_transit[node](message)
             handler = train if message.metadata.message_type == "train" else evaluate
             try:
                 reply = handler(message, context)
