@@ -34,9 +34,10 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
+from client.ledger import LEDGER_KEY, record_reply
 from client.task import Result, Task, failure_reason
 from client.worker import WorkerError, WorkerUnavailable, ask
-from common.signing import check_seal, load_verify_key
+from common.signing import adapter_digest, check_seal, load_verify_key
 
 log = logging.getLogger(__name__)
 app = ClientApp()
@@ -78,20 +79,16 @@ def _log_failure(msg: Message, context: Context, error: Exception) -> None:
 def train(msg: Message, context: Context) -> Message:
     """Train the received global adapter on this site's data; reply with the new adapter."""
     config = _config_record(msg)
+    arrays, received = _received(msg, context)
     task = Task(
         "train",
         dict(context.run_config),
-        _checked_arrays(msg, context),
+        arrays,
         server_round=int(config.get("server-round", 1)),
         proximal_mu=float(config.get("proximal-mu", 0.0)),
     )
     result = _carry_out(task, context)
-    arrays = ArrayRecord(
-        array_dict={k: Array(np.ascontiguousarray(a)) for k, a in result.arrays.items()}
-    )
-    metrics = {**result.metrics, "bytes-up": arrays.count_bytes()}
-    content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
-    return Message(content=content, reply_to=msg)
+    return _reply(msg, context, received, result.metrics, result.arrays)
 
 
 @app.evaluate()
@@ -99,9 +96,40 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the received global adapter on this site's validation (or test) split."""
     split = str(_config_record(msg).get("split", "val"))
-    task = Task("evaluate", dict(context.run_config), _checked_arrays(msg, context), split=split)
-    metrics = _carry_out(task, context).metrics
-    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    arrays, received = _received(msg, context)
+    task = Task("evaluate", dict(context.run_config), arrays, split=split)
+    return _reply(msg, context, received, _carry_out(task, context).metrics, {})
+
+
+def _reply(
+    msg: Message,
+    context: Context,
+    received: str,
+    metrics: dict[str, int | float],
+    arrays: dict[str, np.ndarray],
+) -> Message:
+    """The reply: the adapter (after training) and numeric metrics, nothing else. It is
+    described in the site's ledger (node config `sent-log`) before it leaves."""
+    content = RecordDict()
+    if arrays:
+        record = ArrayRecord(
+            array_dict={k: Array(np.ascontiguousarray(a)) for k, a in arrays.items()}
+        )
+        content["arrays"] = record
+        metrics = {**metrics, "bytes-up": record.count_bytes()}
+    content["metrics"] = MetricRecord(metrics)
+    if ledger := context.node_config.get(LEDGER_KEY):
+        record_reply(
+            Path(str(ledger)),
+            run_id=context.run_id,
+            server_round=int(str(_config_record(msg).get("server-round", 0))),
+            op=msg.metadata.message_type,
+            received_sha256=received,
+            arrays=arrays,
+            metrics=metrics,
+            reply_bytes=sum(r.count_bytes() for r in content.values()),
+        )
+    return Message(content=content, reply_to=msg)
 
 
 def _carry_out(task: Task, context: Context) -> Result:
@@ -119,10 +147,10 @@ def _carry_out(task: Task, context: Context) -> Result:
     return perform(task, site_data_path(context.node_config, cfg))
 
 
-def _checked_arrays(msg: Message, context: Context) -> dict[str, np.ndarray]:
-    """The global adapter, once its signature verifies against the coordinator key this site
-    was given (node config `coordinator-key`; `simulation.verify-key` for simulated sites).
-    A site without a key takes the adapter unchecked."""
+def _received(msg: Message, context: Context) -> tuple[dict[str, np.ndarray], str]:
+    """The global adapter and its sha256, once its signature verifies against the coordinator
+    key this site was given (node config `coordinator-key`; `simulation.verify-key` for
+    simulated sites). A site without a key takes the adapter unchecked."""
     record = msg.content["arrays"]
     assert isinstance(record, ArrayRecord)
     arrays = {key: record[key].numpy() for key in record}
@@ -130,12 +158,12 @@ def _checked_arrays(msg: Message, context: Context) -> dict[str, np.ndarray]:
     key_path = context.node_config.get("coordinator-key") or (
         context.run_config.get("simulation.verify-key") if simulated else None
     )
-    if key_path:
-        config = _config_record(msg)
-        server_round = int(str(config.get("server-round", 0)))
-        key = _verify_key(str(key_path))
-        check_seal(key, context.run_id, server_round, arrays, dict(config))
-    return arrays
+    if not key_path:
+        return arrays, adapter_digest(arrays)
+    config = _config_record(msg)
+    server_round = int(str(config.get("server-round", 0)))
+    key = _verify_key(str(key_path))
+    return arrays, check_seal(key, context.run_id, server_round, arrays, dict(config))
 
 
 @functools.cache

@@ -3,7 +3,10 @@
 fedtune-site check --data notes.jsonl
 fedtune-site train --data notes.jsonl --epochs 3 --out adapter/
 fedtune-site keygen                                  # the site's key pair; send site.pub
-fedtune-site start --superlink fl.example.org:443 --ca ca.pem --data notes.jsonl
+fedtune-site start --superlink fl.example.org:443 --ca ca.pem --coordinator-key signing.pub \
+    --data notes.jsonl
+fedtune-site sent                                    # what this site sent in the last round
+fedtune-site audit audit.jsonl --coordinator-key signing.pub   # check the coordinator's log
 """
 
 from __future__ import annotations
@@ -139,6 +142,31 @@ def _parser() -> argparse.ArgumentParser:
         help="join even when the scan finds likely identifiers (after you have reviewed them)",
     )
     start.set_defaults(run=_start)
+
+    sent = commands.add_parser(
+        "sent",
+        help="show what this site sent: tensor names, shapes and norms, and metrics",
+        description="Print, from HOME/sent.jsonl, every reply of the last round this site "
+        "took part in, as it left: tensor names, dtypes, shapes and L2 norms, the numeric "
+        "metrics, the size, and the sha256 of the global adapter it had received.",
+    )
+    _home_arg(sent)
+    sent.add_argument("--all", action="store_true", help="every reply recorded, oldest first")
+    sent.set_defaults(run=_sent)
+
+    audit = commands.add_parser(
+        "audit",
+        help="verify a run's audit log and match it with the adapters this site received",
+        description="Check the coordinator's audit.jsonl line by line (hash chain and Ed25519 "
+        "signatures), print each round's contributors and drops, and check that every "
+        "adapter this site received (HOME/sent.jsonl) is one the log records.",
+    )
+    audit.add_argument("log", type=Path, help="the run's audit.jsonl, from the coordinator")
+    audit.add_argument(
+        "--coordinator-key", type=Path, required=True, help="the coordinator's signing.pub"
+    )
+    _home_arg(audit)
+    audit.set_defaults(run=_audit)
     return parser
 
 
@@ -289,6 +317,7 @@ def _start(args: argparse.Namespace) -> int:
     from cryptography import x509
 
     from client.identity import check_private_key
+    from client.ledger import FILE_NAME as LEDGER_FILE
     from client.supernode import site_home, supernode_command, worker_command
     from common.flower import flower_env
     from common.signing import load_verify_key
@@ -339,11 +368,53 @@ def _start(args: argparse.Namespace) -> int:
         args.isolation,
         socket_path,
         args.coordinator_key,
+        home / LEDGER_FILE,
     )
     flwr_home = home / "flwr-home"
     flwr_home.mkdir(mode=0o700, parents=True, exist_ok=True)
     print(f"joining the federation at {args.superlink} (TLS, authenticated)", flush=True)
     os.execve(command[0], command, flower_env(flwr_home))
+
+
+def _sent(args: argparse.Namespace) -> int:
+    from client.ledger import FILE_NAME, describe, last_round, read_ledger
+    from client.supernode import site_home
+
+    path = site_home(args.home) / FILE_NAME
+    entries = read_ledger(path)
+    if not entries:
+        print(f"nothing sent yet ({path} is empty or missing)")
+        return EXIT_OK
+    for entry in entries if args.all else last_round(entries):
+        print("\n".join(describe(entry)))
+    return EXIT_OK
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from client.ledger import FILE_NAME, read_ledger
+    from client.supernode import site_home
+    from common.auditlog import verify_log
+    from common.signing import load_verify_key
+
+    entries = verify_log(args.log, load_verify_key(args.coordinator_key))
+    print(f"{args.log}: {len(entries)} entries, chain intact, each signed by the coordinator")
+    for entry in entries:
+        if entry["event"] == "round":
+            dropped = ", ".join(f"{d['node']} {d['reason']}" for d in entry["dropped"]) or "-"
+            print(
+                f"  round {entry['round']}: {len(entry['contributed'])} sites contributed; "
+                f"dropped: {dropped}; adapter {entry['adapter-sha256'][:16]}"
+            )
+        else:
+            print(f"  {entry['event']}: {entry.get('after-round', '')}".rstrip())
+    logged = {e["adapter-sha256"] for e in entries if "adapter-sha256" in e}
+    received = read_ledger(site_home(args.home) / FILE_NAME)
+    unknown = [e for e in received if e["received-adapter-sha256"] not in logged]
+    matched = len(received) - len(unknown)
+    print(f"this site's ledger: {matched} of {len(received)} adapters received are in the log")
+    for entry in unknown:  # other runs' adapters are listed too: compare the run ids
+        print(f"  not in this log: run {entry['run']} round {entry['round']} {entry['op']}")
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -60,10 +60,11 @@ def supernode_command(
     isolation: str = "subprocess",
     worker_socket: Path | None = None,
     coordinator_key: Path | None = None,
+    sent_log: Path | None = None,
 ) -> list[str]:
     """`flower-supernode` for this site: TLS only (no --insecure, ever), authenticated;
-    the ClientApp finds the data, the warm worker and the coordinator's public signing key
-    through the node config, which stays on the site."""
+    the ClientApp finds the data, the warm worker, the coordinator's public signing key and
+    the ledger of what it sent through the node config, which stays on the site."""
     if not ADDRESS.fullmatch(superlink):
         raise ValueError(f"--superlink {superlink!r}: expected HOST:PORT, e.g. fl.example.org:443")
     if isolation not in ISOLATION:
@@ -73,6 +74,8 @@ def supernode_command(
         node_config["worker-socket"] = worker_socket.resolve()
     if coordinator_key is not None:
         node_config["coordinator-key"] = coordinator_key.resolve()
+    if sent_log is not None:
+        node_config["sent-log"] = sent_log.resolve()
     for path in node_config.values():
         if any(c in str(path) for c in '"\\ '):
             raise ValueError(f"{path}: this path may not contain quotes, backslashes or spaces")

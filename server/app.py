@@ -19,13 +19,14 @@ from flwr.serverapp import Grid, ServerApp
 from peft import PeftModel
 
 from common.adapter import get_adapter_state, save_adapter, set_adapter_state
+from common.auditlog import append_entry
 from common.config import FedtuneConfig, load_config
 from common.evaluation import evaluate, load_eval_file
 from common.files import check_writable, warn_if_short
 from common.model import build_model
 from common.signing import load_signing_key, seal
 from common.wire import from_record, to_record
-from server.audit import append_entry, round_entry
+from server.audit import record_arrays, record_digest, round_entry
 from server.checkpoint import resume_checkpoint, write_checkpoint
 from server.checks import UpdateRules
 from server.federation import (
@@ -70,6 +71,9 @@ def main(grid: Grid, context: Context) -> None:
         keep_rounds(run_dir, checkpoint.round)
         append_entry(run_dir, {"event": "resumed", "after-round": checkpoint.round}, key)
         log.info("resuming %s after round %d of %d", run_dir, checkpoint.round, fed.rounds)
+    start = to_record(initial, fed.wire_dtype)
+    if not fed.resume:
+        append_entry(run_dir, {"event": "started", "adapter-sha256": record_digest(start)}, key)
     warn_if_short(run_dir, _bytes_needed(initial, fed.rounds - first_round + 1), "run directory")
     start_run(run_dir, cfg, context.run_id, first_round - 1 if fed.resume else None)
     started = time.monotonic() - elapsed_before
@@ -111,7 +115,7 @@ def main(grid: Grid, context: Context) -> None:
         final = run_rounds(
             grid,
             strategy,
-            to_record(initial, fed.wire_dtype),
+            start,
             plan,
             after_round,
             central_evaluation(cfg, model) if fed.eval_file else None,
@@ -132,9 +136,7 @@ def _sealer(key: Ed25519PrivateKey | None, run_id: int) -> Seal | None:
     """Signs each adapter sent, so that sites can refuse one that is not the coordinator's."""
     if key is None:
         return None
-    return lambda server_round, arrays: seal(
-        key, run_id, server_round, {name: arrays[name].numpy() for name in arrays}
-    )
+    return lambda server_round, arrays: seal(key, run_id, server_round, record_arrays(arrays))
 
 
 def _bytes_needed(adapter: dict[str, torch.Tensor], rounds: int) -> int:

@@ -1,114 +1,43 @@
-"""The run's audit log: one line per round saying which sites contributed, which updates
-were dropped and why, and the sha256 of the global adapter that came out. Each line holds
-the hash of the line before it, so no line can be changed, dropped or reordered without
-breaking the chain, and the coordinator signs each line's hash (Ed25519) so a site can
-check the log came from it (`fedtune-site audit`).
+"""What the coordinator writes to a run's audit log (common/auditlog.py: the chained,
+signed format): the initial adapter's sha256 when the run starts, a line when it resumes,
+and per round which sites contributed, which updates were dropped and why, and the sha256
+of the global adapter that came out, in the wire form the sites receive.
 
-    RUN_DIR/audit.jsonl   {"round": 3, "contributed": [...], "dropped": [...],
-                           "adapter-sha256": "...", "prev": "<hash of line 2>",
-                           "hash": "<sha256 of prev + this entry>", "signature": "<hex>"}
+    RUN_DIR/audit.jsonl   {"event": "round", "round": 3, "contributed": [...],
+                           "dropped": [...], "adapter-sha256": "...", "prev": ..., ...}
 
 Node ids and reason codes only: nothing from a site's records.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-from collections.abc import Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+import numpy as np
+from flwr.app import ArrayRecord
 
-from common.files import storage_error
 from common.signing import adapter_digest
 
 if TYPE_CHECKING:
     from server.federation import RoundOutcome
 
-AUDIT_FILE = "audit.jsonl"
-GENESIS = "0" * 64
-_SEAL_FIELDS = ("prev", "hash", "signature")
-
-
-class AuditError(ValueError):
-    """The audit log does not verify; the message names the line and what is wrong."""
-
-
-def append_entry(
-    run_dir: Path, entry: Mapping[str, Any], key: Ed25519PrivateKey | None
-) -> dict[str, Any]:
-    """Chain `entry` to the log's last line, sign it, and append it durably."""
-    path = run_dir / AUDIT_FILE
-    lines = path.read_text().splitlines() if path.is_file() else []
-    prev = json.loads(lines[-1])["hash"] if lines else GENESIS
-    digest = _hash(prev, entry)
-    sealed = {**entry, "prev": prev, "hash": digest}
-    if key is not None:
-        sealed["signature"] = key.sign(bytes.fromhex(digest)).hex()
-    with path.open("ab") as f:
-        size = f.tell()
-        try:
-            f.write((json.dumps(sealed, sort_keys=True) + "\n").encode())
-            f.flush()
-            os.fsync(f.fileno())
-        except OSError as e:
-            f.truncate(size)
-            raise storage_error(e, run_dir, "run directory") from e
-    return sealed
-
 
 def round_entry(outcome: RoundOutcome) -> dict[str, Any]:
     """What the log says about one round."""
-    arrays = {key: outcome.arrays[key].numpy() for key in outcome.arrays}
     return {
         "event": "round",
         "round": outcome.round,
         "contributed": sorted(int(n) for n, site in outcome.sites.items() if "train" in site),
         "dropped": outcome.dropped,
-        "adapter-sha256": adapter_digest(arrays),
+        "adapter-sha256": record_digest(outcome.arrays),
     }
 
 
-def verify_log(path: Path, key: Ed25519PublicKey | None = None) -> list[dict[str, Any]]:
-    """Every entry of an audit log, after checking the chain (and, given the coordinator's
-    public key, every signature); raises AuditError naming the first line that fails."""
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as e:
-        raise AuditError(f"{path}: cannot read the audit log ({e.strerror})") from e
-    entries: list[dict[str, Any]] = []
-    prev = GENESIS
-    for number, line in enumerate(lines, start=1):
-        where = f"{path}:{number}"
-        try:
-            sealed = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise AuditError(f"{where}: not valid JSON; the log was cut or altered") from e
-        entry = {k: v for k, v in sealed.items() if k not in _SEAL_FIELDS}
-        if sealed.get("prev") != prev:
-            raise AuditError(
-                f"{where}: does not follow the line before it (a line was removed, inserted "
-                "or reordered)"
-            )
-        if sealed.get("hash") != _hash(prev, entry):
-            raise AuditError(f"{where}: its content does not match its hash (it was altered)")
-        if key is not None:
-            signature = str(sealed.get("signature", ""))
-            try:
-                key.verify(bytes.fromhex(signature), bytes.fromhex(sealed["hash"]))
-            except (InvalidSignature, ValueError) as e:
-                raise AuditError(
-                    f"{where}: the signature does not verify against the coordinator's key"
-                ) from e
-        entries.append(sealed)
-        prev = sealed["hash"]
-    return entries
+def record_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """An ArrayRecord's arrays, as the sites see them."""
+    return {key: record[key].numpy() for key in record}
 
 
-def _hash(prev: str, entry: Mapping[str, Any]) -> str:
-    body = json.dumps(dict(entry), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(f"{prev}\n{body}".encode()).hexdigest()
+def record_digest(record: ArrayRecord) -> str:
+    """The sha256 a site computes for the adapter it receives (common.signing)."""
+    return adapter_digest(record_arrays(record))

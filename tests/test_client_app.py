@@ -11,13 +11,16 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 
+from client import cli as site_cli
 from client import rounds
 from client.app import evaluate, train
 from client.dataset import load_site
+from client.ledger import read_ledger
 from client.rounds import site_data_path
 from common.adapter import get_adapter_state
 from common.config import load_config
 from common.model import build_model
+from common.signing import adapter_digest
 from common.wire import from_record, to_record
 
 
@@ -195,3 +198,36 @@ def test_our_own_data_errors_never_quote_a_record(
         )
     assert reply.error.reason == "site-task-failed (DataError)"
     assert "line 97" in caplog.text and CANARY not in caplog.text
+
+
+def test_the_site_ledger_shows_exactly_what_left(
+    run_config, text_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    home = tmp_path / "site"
+    context = _context(run_config, text_file)
+    context.node_config = {**context.node_config, "sent-log": str(home / "sent.jsonl")}
+    start = to_record(_global(run_config))
+    reply = train(_message("train", start, **{"server-round": 3}), context)
+    evaluate(_message("evaluate", start, **{"server-round": 3}), context)
+    train_entry, evaluate_entry = read_ledger(home / "sent.jsonl")
+    sent = reply.content["arrays"]
+    assert [t["name"] for t in train_entry["tensors"]] == list(sent)
+    for t in train_entry["tensors"]:
+        array = sent[t["name"]].numpy()
+        assert t["shape"] == list(array.shape) and t["dtype"] == str(array.dtype)
+        assert t["norm"] == pytest.approx(float(np.linalg.norm(array)), rel=1e-6)
+    assert train_entry["metrics"] == dict(reply.content["metrics"])
+    assert train_entry["bytes"] == sum(r.count_bytes() for r in reply.content.values())
+    assert train_entry["received-adapter-sha256"] == adapter_digest(
+        {k: start[k].numpy() for k in start}
+    )
+    assert (train_entry["round"], evaluate_entry["op"], evaluate_entry["tensors"]) == (
+        3,
+        "evaluate",
+        [],
+    )
+    assert site_cli.main(["sent", "--home", str(home)]) == 0
+    shown = capsys.readouterr().out
+    assert "run 1 round 3 train" in shown and "run 1 round 3 evaluate" in shown
+    first = train_entry["tensors"][0]
+    assert first["name"] in shown and f"norm {first['norm']:.6g}" in shown

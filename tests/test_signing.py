@@ -13,6 +13,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from safetensors.numpy import load_file as load_numpy
 from test_federation import HandlerGrid, _config, _run
 
+from client import cli as site_cli
+from common.auditlog import AUDIT_FILE, AuditError, append_entry, verify_log
 from common.signing import (
     DIGEST,
     SignatureError,
@@ -23,7 +25,6 @@ from common.signing import (
     load_verify_key,
     seal,
 )
-from server.audit import AUDIT_FILE, AuditError, append_entry, verify_log
 
 ATTACKED = 42
 
@@ -116,7 +117,11 @@ def _swap_adapter(message: Message) -> Message:
 
 @pytest.mark.usefixtures("task_identity")
 def test_a_site_refuses_a_tampered_adapter_and_the_audit_log_records_the_rounds(
-    tiny_bert_dir: Path, sites: dict[int, Path], tmp_path: Path, keys: tuple[Path, Path]
+    tiny_bert_dir: Path,
+    sites: dict[int, Path],
+    tmp_path: Path,
+    keys: tuple[Path, Path],
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     private, public = keys
     config = _config(
@@ -124,10 +129,11 @@ def test_a_site_refuses_a_tampered_adapter_and_the_audit_log_records_the_rounds(
         tmp_path / "runs",
         **{"federation.rounds": 2, "federation.signing-key": str(private)},
     )
+    site_home = tmp_path / "site"  # one ledger for the three sites, enough to match the log
     grid = HandlerGrid(
         config,
         sites,
-        node_config={"coordinator-key": str(public)},
+        node_config={"coordinator-key": str(public), "sent-log": str(site_home / "sent.jsonl")},
         in_transit={ATTACKED: _swap_adapter},
     )
     _run(grid)
@@ -136,7 +142,9 @@ def test_a_site_refuses_a_tampered_adapter_and_the_audit_log_records_the_rounds(
     for row in rows:  # the attacked site refused to train: dropped; the others went on
         assert row["dropped"] == [{"node": ATTACKED, "reason": "site-error-2"}]
         assert "evaluate" not in row["sites"].get(str(ATTACKED), {})
-    entries = verify_log(run_dir / AUDIT_FILE, load_verify_key(public))
+    logged = verify_log(run_dir / AUDIT_FILE, load_verify_key(public))
+    assert [e["event"] for e in logged] == ["started", "round", "round"]
+    entries = logged[1:]
     assert [e["round"] for e in entries] == [1, 2]
     honest = sorted(n for n in sites if n != ATTACKED)
     assert all(e["contributed"] == honest for e in entries)
@@ -144,6 +152,15 @@ def test_a_site_refuses_a_tampered_adapter_and_the_audit_log_records_the_rounds(
     # Each entry names the adapter that came out of its round: round 2's is the final one.
     final = load_numpy(str(run_dir / "adapter" / "adapter_model.safetensors"))
     assert entries[-1]["adapter-sha256"] == adapter_digest(final)
+
+    # A site checks the log with the coordinator's key, and finds in it every adapter it
+    # received: 2 honest sites x 2 rounds x (train + evaluate).
+    assert site_cli.main(["audit", str(run_dir / AUDIT_FILE), "--coordinator-key", str(public),
+                          "--home", str(site_home)]) == 0  # fmt: skip
+    shown = capsys.readouterr().out
+    assert "3 entries, chain intact, each signed by the coordinator" in shown
+    assert f"round 1: 2 sites contributed; dropped: {ATTACKED} site-error-2" in shown
+    assert "this site's ledger: 8 of 8 adapters received are in the log" in shown
 
 
 def test_without_a_coordinator_key_a_site_takes_unsigned_adapters(

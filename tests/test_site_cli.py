@@ -155,14 +155,19 @@ def test_start_runs_an_authenticated_tls_supernode_with_the_data_path_as_node_co
     assert flag["--superlink"] == "127.0.0.1:9"
     assert flag["--auth-supernode-private-key"] == str(joining["home"] / "site.key")
     assert flag["--root-certificates"].endswith("ca.pem")
-    assert flag["--node-config"] == f'data-path="{data.resolve()}" worker-socket="{worker}"'
+    sent = joining["home"].resolve() / "sent.jsonl"
+    assert flag["--node-config"] == (
+        f'data-path="{data.resolve()}" worker-socket="{worker}" sent-log="{sent}"'
+    )
     env = joining["started"]["env"]
     assert env["FLWR_HOME"] == str(joining["home"] / "flwr-home")
     assert env["FLWR_TELEMETRY_ENABLED"] == "0" and env["HF_HUB_OFFLINE"] == "1"
     with pytest.raises(SystemExit):
         main([*joining["args"], "--data", str(data), "--worker", "none"])
     argv = joining["started"]["argv"]
-    assert argv[argv.index("--node-config") + 1] == f'data-path="{data.resolve()}"'
+    assert (
+        argv[argv.index("--node-config") + 1] == f'data-path="{data.resolve()}" sent-log="{sent}"'
+    )
 
 
 def test_start_refuses_invalid_data_before_joining(
