@@ -22,7 +22,7 @@ AdapterState = dict[str, torch.Tensor]
 WireDtype = Literal["fp32", "fp16"]
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-_NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+WIRE_NUMPY: dict[str, type[np.floating]] = {"fp32": np.float32, "fp16": np.float16}
 
 
 class AdapterError(ValueError):
@@ -64,9 +64,9 @@ def check_adapter_state(
 
 def to_wire(state: Mapping[str, torch.Tensor], dtype: WireDtype = "fp32") -> dict[str, np.ndarray]:
     """NumPy arrays for a Flower ArrayRecord, in fp32 or fp16 (NumPy has no bfloat16)."""
-    if dtype not in _NUMPY_DTYPES:
-        raise AdapterError(f"wire dtype must be one of {sorted(_NUMPY_DTYPES)}, got {dtype!r}")
-    np_dtype = _NUMPY_DTYPES[dtype]
+    if dtype not in WIRE_NUMPY:
+        raise AdapterError(f"wire dtype must be one of {sorted(WIRE_NUMPY)}, got {dtype!r}")
+    np_dtype = WIRE_NUMPY[dtype]
     return {
         k: v.detach().to("cpu", torch.float32).numpy().astype(np_dtype) for k, v in state.items()
     }

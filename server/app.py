@@ -110,6 +110,7 @@ def main(grid: Grid, context: Context) -> None:
         evaluate_every=fed.evaluate_every,
         seed=cfg.train.seed,
         rules=UpdateRules.of(fed),
+        wire_dtype=fed.wire_dtype,
     )
     try:
         final = run_rounds(

@@ -15,11 +15,13 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from common.adapter import WIRE_NUMPY, WireDtype
 from server.checks import UpdateRules, screen
 from server.strategy import RoundFailed
 
@@ -53,6 +55,8 @@ class RoundPlan:
     """Seeds the sampling of sites, per round, so a resumed run samples as the original."""
     rules: UpdateRules = field(default_factory=UpdateRules)
     """What every update is checked against before aggregation (server/checks.py)."""
+    wire_dtype: WireDtype = "fp32"
+    """The global adapter's dtype: what the sites receive and what a checkpoint holds."""
 
     def evaluates(self, server_round: int) -> bool:
         """Whether the sites evaluate the global adapter after this round."""
@@ -129,9 +133,9 @@ def run_rounds(
         if len(screened.passed) < plan.min_sites:
             raise RoundFailed(_too_few(server_round, screened.passed, outcome, plan.min_sites))
         new_arrays, metrics = strategy.aggregate_train(server_round, screened.passed)
-        if new_arrays is None:  # the strategy's guard raises first; this is a backstop
-            raise RuntimeError(f"round {server_round}: the strategy produced no adapter")
-        arrays = outcome.arrays = new_arrays
+        if new_arrays is None:
+            raise RoundFailed(f"round {server_round}: the strategy produced no adapter")
+        arrays = outcome.arrays = in_wire_dtype(new_arrays, plan.wire_dtype)
         outcome.train = _numbers(metrics)
         for reply in screened.passed:
             site = _site(outcome, reply)
@@ -198,6 +202,16 @@ def _too_few(server_round: int, passed: list[Message], outcome: RoundOutcome, ne
         f"round {server_round}: {len(passed)} usable updates of {outcome.asked} sites asked "
         f"({why}), fewer than federation.min-sites = {needed}; the run stops here rather "
         "than continue with an unchanged model"
+    )
+
+
+def in_wire_dtype(arrays: ArrayRecord, dtype: WireDtype) -> ArrayRecord:
+    """The aggregate in the wire dtype. Server optimisers compute in float64; keeping the
+    global adapter in the dtype the sites receive makes a checkpoint hold exactly what was
+    sent, and a resumed run continue from exactly the same numbers."""
+    target = WIRE_NUMPY[dtype]
+    return ArrayRecord(
+        array_dict={k: Array(np.ascontiguousarray(arrays[k].numpy(), dtype=target)) for k in arrays}
     )
 
 

@@ -1,13 +1,13 @@
-"""Aggregation strategies: Flower's own, chosen by `federation.strategy`, guarded so that a
-round with too few updates fails the run loudly instead of carrying on unchanged."""
+"""Aggregation strategies: Flower's own, chosen by `federation.strategy`. The round loop
+(server/federation.py) checks every update and the number left before it calls one."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import (
     FedAdagrad,
     FedAdam,
@@ -21,9 +21,7 @@ from flwr.serverapp.strategy import (
     MultiKrum,
 )
 
-from common.adapter import WireDtype
 from common.config import FederationSettings
-from common.wire import from_record, to_record
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +43,13 @@ DEFAULT_SERVER_LR = {"fedavgm": 1.0, "fedadam": 0.03, "fedyogi": 0.02, "fedadagr
 
 
 class RoundFailed(RuntimeError):
-    """A round ended with fewer successful updates than `federation.min-sites`."""
+    """A round ended with fewer usable updates than `federation.min-sites`."""
 
 
-def build_strategy(settings: FederationSettings) -> FedAvg:
-    """The configured Flower strategy, wrapped with the minimum-updates guard."""
-    base = STRATEGIES[settings.strategy]
-    guarded = type(f"Guarded{base.__name__}", (_MinimumUpdates, base), {})
-    common = {
+def build_strategy(settings: FederationSettings, weighted_by_key: str = "num-examples") -> FedAvg:
+    """The configured Flower strategy."""
+    common: dict[str, float | int | str] = {
+        "weighted_by_key": weighted_by_key,
         "fraction_train": settings.fraction_train,
         "fraction_evaluate": settings.fraction_train,
         "min_train_nodes": settings.min_sites,
@@ -76,10 +73,7 @@ def build_strategy(settings: FederationSettings) -> FedAvg:
             "num_malicious_nodes": settings.byzantine_sites,
             "num_nodes_to_select": settings.krum_select,
         }
-    strategy = guarded(**common, **extra)
-    strategy.min_updates = settings.min_sites
-    strategy.wire_dtype = settings.wire_dtype
-    return strategy
+    return STRATEGIES[settings.strategy](**common, **extra)  # type: ignore[arg-type]
 
 
 def server_state(strategy: FedAvg) -> dict[str, np.ndarray]:
@@ -112,34 +106,3 @@ def restore_server_state(
         if any(m is None for m in momentum):
             raise ValueError("checkpoint holds FedAvgM momentum for only some adapter tensors")
         strategy.momentum_vector = momentum  # type: ignore[attr-defined]
-
-
-class _MinimumUpdates:
-    """Mixin: refuse to aggregate a round whose successful updates are too few."""
-
-    min_updates: int = 1
-    wire_dtype: WireDtype = "fp32"
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        good = [r for r in replies if r.has_content() and not r.has_error()]
-        failed = len(replies) - len(good)
-        if failed:
-            log.warning(
-                "round %d: %d of %d sites failed to reply", server_round, failed, len(replies)
-            )
-        if len(good) < self.min_updates:
-            raise RoundFailed(
-                f"round {server_round}: {len(good)} successful updates of {len(replies)} "
-                f"sites asked, fewer than federation.min-sites = {self.min_updates}; the run "
-                "stops here rather than continue with an unchanged model"
-            )
-        arrays, metrics = super().aggregate_train(server_round, good)  # type: ignore[misc]
-        if arrays is None:
-            return None, metrics
-        # Server optimisers compute in float64: the global adapter is kept in the wire dtype,
-        # so that it is what the sites receive and what a checkpoint holds, bit for bit, and a
-        # resumed run continues from exactly the same numbers.
-        return to_record(from_record(arrays), self.wire_dtype), metrics
