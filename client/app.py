@@ -32,11 +32,14 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
 from flwr.common.constant import ErrorCode
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client.ledger import LEDGER_KEY, record_reply
 from client.task import Result, Task, failure_reason
 from client.worker import WorkerError, WorkerUnavailable, ask
+from common.config import DP_WEIGHT
 from common.signing import adapter_digest, check_seal, load_verify_key
 
 log = logging.getLogger(__name__)
@@ -74,62 +77,66 @@ def _log_failure(msg: Message, context: Context, error: Exception) -> None:
         log.error(what, exc_info=error)
 
 
-@app.train()
-@_guarded
-def train(msg: Message, context: Context) -> Message:
-    """Train the received global adapter on this site's data; reply with the new adapter."""
-    config = _config_record(msg)
-    arrays, received = _received(msg, context)
-    task = Task(
-        "train",
-        dict(context.run_config),
-        arrays,
-        server_round=int(config.get("server-round", 1)),
-        proximal_mu=float(config.get("proximal-mu", 0.0)),
-    )
-    result = _carry_out(task, context)
-    return _reply(msg, context, received, result.metrics, result.arrays)
-
-
-@app.evaluate()
-@_guarded
-def evaluate(msg: Message, context: Context) -> Message:
-    """Score the received global adapter on this site's validation (or test) split."""
-    split = str(_config_record(msg).get("split", "val"))
-    arrays, received = _received(msg, context)
-    task = Task("evaluate", dict(context.run_config), arrays, split=split)
-    return _reply(msg, context, received, _carry_out(task, context).metrics, {})
-
-
-def _reply(
-    msg: Message,
-    context: Context,
-    received: str,
-    metrics: dict[str, int | float],
-    arrays: dict[str, np.ndarray],
-) -> Message:
-    """The reply: the adapter (after training) and numeric metrics, nothing else. It is
-    described in the site's ledger (node config `sent-log`) before it leaves."""
-    content = RecordDict()
-    if arrays:
-        record = ArrayRecord(
-            array_dict={k: Array(np.ascontiguousarray(a)) for k, a in arrays.items()}
-        )
-        content["arrays"] = record
-        metrics = {**metrics, "bytes-up": record.count_bytes()}
-    content["metrics"] = MetricRecord(metrics)
-    if ledger := context.node_config.get(LEDGER_KEY):
+def _record_sent(msg: Message, context: Context, call_next: Handler) -> Message:
+    """Outermost mod: describe the reply, exactly as it leaves (after any clipping), in the
+    site's ledger (node config `sent-log`)."""
+    reply = call_next(msg, context)
+    ledger = context.node_config.get(LEDGER_KEY)
+    if ledger and not reply.has_error():
+        sent = reply.content.get("arrays")
+        metrics = reply.content.get("metrics")
         record_reply(
             Path(str(ledger)),
             run_id=context.run_id,
             server_round=int(str(_config_record(msg).get("server-round", 0))),
             op=msg.metadata.message_type,
-            received_sha256=received,
-            arrays=arrays,
-            metrics=metrics,
-            reply_bytes=sum(r.count_bytes() for r in content.values()),
+            received_sha256=adapter_digest(_arrays(msg)),
+            arrays={k: sent[k].numpy() for k in sent} if isinstance(sent, ArrayRecord) else {},
+            metrics=dict(metrics) if isinstance(metrics, MetricRecord) else {},
+            reply_bytes=sum(r.count_bytes() for r in reply.content.values()),
         )
+    return reply
+
+
+def _clip_when_asked(msg: Message, context: Context, call_next: Handler) -> Message:
+    """Flower's `fixedclipping_mod` when the coordinator runs client-level DP (it then sends
+    the clipping norm with the adapter): the update leaves clipped. Otherwise nothing."""
+    if KEY_CLIPPING_NORM in _config_record(msg):
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+@app.train(mods=[_record_sent, _clip_when_asked])
+@_guarded
+def train(msg: Message, context: Context) -> Message:
+    """Train the received global adapter on this site's data; reply with the new adapter."""
+    config = _config_record(msg)
+    task = Task(
+        "train",
+        dict(context.run_config),
+        _checked(msg, context),
+        server_round=int(config.get("server-round", 1)),
+        proximal_mu=float(config.get("proximal-mu", 0.0)),
+    )
+    result = _carry_out(task, context)
+    # In the order received: the clipping mod pairs the two adapters key by key.
+    arrays = {k: np.ascontiguousarray(result.arrays[k]) for k in task.arrays}
+    record = ArrayRecord(array_dict={k: Array(a) for k, a in arrays.items()})
+    metrics = {**result.metrics, "bytes-up": record.count_bytes()}
+    if KEY_CLIPPING_NORM in config:
+        metrics[DP_WEIGHT] = 1  # under DP the coordinator averages with equal weights
+    content = RecordDict({"arrays": record, "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
+
+
+@app.evaluate(mods=[_record_sent])
+@_guarded
+def evaluate(msg: Message, context: Context) -> Message:
+    """Score the received global adapter on this site's validation (or test) split."""
+    split = str(_config_record(msg).get("split", "val"))
+    task = Task("evaluate", dict(context.run_config), _checked(msg, context), split=split)
+    metrics = _carry_out(task, context).metrics
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
 def _carry_out(task: Task, context: Context) -> Result:
@@ -147,23 +154,26 @@ def _carry_out(task: Task, context: Context) -> Result:
     return perform(task, site_data_path(context.node_config, cfg))
 
 
-def _received(msg: Message, context: Context) -> tuple[dict[str, np.ndarray], str]:
-    """The global adapter and its sha256, once its signature verifies against the coordinator
-    key this site was given (node config `coordinator-key`; `simulation.verify-key` for
-    simulated sites). A site without a key takes the adapter unchecked."""
+def _arrays(msg: Message) -> dict[str, np.ndarray]:
     record = msg.content["arrays"]
     assert isinstance(record, ArrayRecord)
-    arrays = {key: record[key].numpy() for key in record}
+    return {key: record[key].numpy() for key in record}
+
+
+def _checked(msg: Message, context: Context) -> dict[str, np.ndarray]:
+    """The global adapter, once its signature verifies against the coordinator key this site
+    was given (node config `coordinator-key`; `simulation.verify-key` for simulated sites).
+    A site without a key takes the adapter unchecked."""
+    arrays = _arrays(msg)
     simulated = "partition-id" in context.node_config
     key_path = context.node_config.get("coordinator-key") or (
         context.run_config.get("simulation.verify-key") if simulated else None
     )
-    if not key_path:
-        return arrays, adapter_digest(arrays)
-    config = _config_record(msg)
-    server_round = int(str(config.get("server-round", 0)))
-    key = _verify_key(str(key_path))
-    return arrays, check_seal(key, context.run_id, server_round, arrays, dict(config))
+    if key_path:
+        config = _config_record(msg)
+        server_round = int(str(config.get("server-round", 0)))
+        check_seal(_verify_key(str(key_path)), context.run_id, server_round, arrays, dict(config))
+    return arrays
 
 
 @functools.cache

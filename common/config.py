@@ -290,6 +290,32 @@ class SimulationSettings(_Section):
     `coordinator-key`, never by the coordinator."""
 
 
+class PrivacySettings(_Section):
+    """Client-level differential privacy, off by default. When on, each site clips its update
+    (its change to the global adapter) to `clipping-norm` before sending it, the coordinator
+    adds Gaussian noise of standard deviation noise-multiplier x clipping-norm / sites to the
+    average, and the privacy spent is accounted (Renyi DP, no sampling amplification)."""
+
+    noise_multiplier: float = Field(0.0, ge=0)
+    """Noise standard deviation in units of clipping-norm / sites; 0 turns DP off. About 1
+    or more for a meaningful guarantee over a few rounds; the cost in F1 grows with it."""
+
+    clipping_norm: float = Field(0.0, ge=0)
+    """L2 bound on each site's update (required with DP). Below the honest update norms it
+    biases training; far above them the noise swamps it (metrics.jsonl has the norms)."""
+
+    delta: float = Field(1e-5, gt=0, lt=1)
+    """The delta at which the epsilon spent is reported; keep it below 1 / number of sites."""
+
+    max_epsilon: float = Field(0.0, ge=0)
+    """Privacy budget: the run stops, with its adapter, before a round would exceed it;
+    0: no budget (epsilon is still reported)."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.noise_multiplier > 0
+
+
 class FedtuneConfig(_Section):
     """All settings of a run, one section per concern."""
 
@@ -298,7 +324,25 @@ class FedtuneConfig(_Section):
     data: DataSettings = DataSettings()
     train: TrainSettings = TrainSettings()
     federation: FederationSettings = FederationSettings()
+    privacy: PrivacySettings = PrivacySettings()
     simulation: SimulationSettings = SimulationSettings()
+
+    @model_validator(mode="after")
+    def _privacy_fits_the_federation(self) -> FedtuneConfig:
+        if not self.privacy.enabled:
+            return self
+        if self.privacy.clipping_norm <= 0:
+            raise ValueError(
+                "privacy.noise-multiplier is on but privacy.clipping-norm is 0; set the bound "
+                "on each site's update (a little above the honest update-norm in metrics.jsonl)"
+            )
+        if self.federation.strategy not in DP_STRATEGIES:
+            raise ValueError(
+                f"privacy.noise-multiplier needs federation.strategy {' or '.join(DP_STRATEGIES)}"
+                f" (uniform averaging, which the accounting assumes); got "
+                f'"{self.federation.strategy}"'
+            )
+        return self
 
     @model_validator(mode="after")
     def _label_names_match_head(self) -> FedtuneConfig:
@@ -326,6 +370,11 @@ class FedtuneConfig(_Section):
 
 # Settings that do not change a run's result: where it is written, which run it resumes,
 # how long it waits for sites to connect.
+DP_STRATEGIES = ("fedavg", "fedprox")
+"""Strategies whose aggregation Flower's DP accounting supports (FedAvg's own)."""
+DP_WEIGHT = "uniform-weight"
+"""The metric every site reports as 1 under DP: the coordinator averages with equal weights."""
+
 DIGEST_EXEMPT = (
     "federation.resume",
     "federation.run-dir",

@@ -20,7 +20,7 @@ from peft import PeftModel
 
 from common.adapter import get_adapter_state, save_adapter, set_adapter_state
 from common.auditlog import append_entry
-from common.config import FedtuneConfig, load_config
+from common.config import DP_WEIGHT, FedtuneConfig, load_config
 from common.evaluation import evaluate, load_eval_file
 from common.files import check_writable, warn_if_short
 from common.model import build_model
@@ -36,6 +36,12 @@ from server.federation import (
     RoundPlan,
     Seal,
     run_rounds,
+)
+from server.privacy import (
+    accountant_state,
+    privacy_spent,
+    restore_accountant,
+    with_privacy,
 )
 from server.runlog import append_round, finish_run, keep_rounds, progress_line, start_run
 from server.strategy import build_strategy, restore_server_state, server_state
@@ -59,13 +65,17 @@ def main(grid: Grid, context: Context) -> None:
     model = build_model(cfg)  # the coordinator needs the adapter's shape, never site data
     peft_config = model.peft_config["default"]
     initial = get_adapter_state(model)
-    strategy = build_strategy(fed)
+    dp = cfg.privacy.enabled
+    strategy = with_privacy(
+        build_strategy(fed, DP_WEIGHT if dp else "num-examples"), cfg.privacy, fed.min_sites
+    )
     key = load_signing_key(Path(fed.signing_key)) if fed.signing_key else None
     first_round, elapsed_before = 1, 0.0
     if fed.resume:
         checkpoint = resume_checkpoint(run_dir, cfg.digest(), cfg.flat())
         initial = {key: checkpoint.adapter[key] for key in initial}  # the model's key order
         restore_server_state(strategy, checkpoint.server_state, list(initial))
+        restore_accountant(strategy, checkpoint.state)
         first_round = checkpoint.round + 1
         elapsed_before = float(checkpoint.state.get("seconds", 0.0))
         keep_rounds(run_dir, checkpoint.round)
@@ -94,7 +104,7 @@ def main(grid: Grid, context: Context) -> None:
         elapsed = time.monotonic() - started
         append_round(run_dir, {**outcome.row(), "seconds": round(elapsed, 3)})
         append_entry(run_dir, round_entry(outcome), key)
-        state = {**run_state, "seconds": round(elapsed, 3)}
+        state = {**run_state, "seconds": round(elapsed, 3), **accountant_state(strategy)}
         adapter = from_record(outcome.arrays)
         write_checkpoint(
             run_dir, outcome.round, adapter, peft_config, state, server_state(strategy)
@@ -128,8 +138,10 @@ def main(grid: Grid, context: Context) -> None:
         except OSError as unrecorded:  # a full disk: the original error is the one to show
             log.error("could not record the failure in %s: %s", run_dir, unrecorded.strerror)
         raise
-    save_adapter(from_record(final), peft_config, run_dir / "adapter")
-    finish_run(run_dir, "completed", rounds=fed.rounds)
+    save_adapter(from_record(final.arrays), peft_config, run_dir / "adapter")
+    ended = {"stopped": final.stopped} if final.stopped else {}
+    spent = {"privacy": privacy_spent(strategy)} if dp else {}
+    finish_run(run_dir, "completed", rounds=final.rounds, **ended, **spent)
     log.info("run finished: adapter, checkpoints and metrics in %s", run_dir)
 
 

@@ -30,6 +30,7 @@ def round_entry(outcome: RoundOutcome) -> dict[str, Any]:
         "contributed": sorted(int(n) for n, site in outcome.sites.items() if "train" in site),
         "dropped": outcome.dropped,
         "adapter-sha256": record_digest(outcome.arrays),
+        **({"privacy": outcome.privacy} if outcome.privacy else {}),
     }
 
 

@@ -19,10 +19,12 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
+from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import FedAvg
 
 from common.adapter import WIRE_NUMPY, WireDtype
 from server.checks import UpdateRules, screen
+from server.privacy import privacy_spent
 from server.strategy import RoundFailed
 
 log = logging.getLogger(__name__)
@@ -81,6 +83,8 @@ class RoundOutcome:
     """Per site (node id): its `train` and `evaluate` metrics."""
     dropped: list[dict[str, object]] = field(default_factory=list)
     """Sites asked but not aggregated: node id and reason code."""
+    privacy: dict[str, float] = field(default_factory=dict)
+    """Under DP: epsilon spent so far, at delta, and the number of releases."""
     asked: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
@@ -99,8 +103,21 @@ class RoundOutcome:
             "train": self.train,
             "evaluate": self.evaluate,
             "central": self.central,
+            **({"privacy": self.privacy} if self.privacy else {}),
             "sites": self.sites,
         }
+
+
+@dataclass(frozen=True)
+class Finished:
+    """How the rounds ended."""
+
+    arrays: ArrayRecord
+    """The final global adapter."""
+    rounds: int
+    """The last round completed."""
+    stopped: str = ""
+    """Why the run ended before `federation.rounds`, or "" when it did not."""
 
 
 def run_rounds(
@@ -111,9 +128,10 @@ def run_rounds(
     on_round: Callable[[RoundOutcome], None],
     central: CentralEvaluation | None = None,
     seal: Seal | None = None,
-) -> ArrayRecord:
-    """Run rounds `plan.first_round..plan.last_round`; returns the final global adapter.
-    With `seal`, every adapter sent carries its signature in the message's config."""
+) -> Finished:
+    """Run rounds `plan.first_round..plan.last_round`, or until the privacy budget would be
+    exceeded; returns the final global adapter. With `seal`, every adapter sent carries its
+    signature in the message's config."""
     sealed = seal or (lambda server_round, arrays: {})
     for server_round in range(plan.first_round, plan.last_round + 1):
         started = time.monotonic()
@@ -121,7 +139,11 @@ def run_rounds(
         random.seed(f"{plan.seed}-{server_round}")  # Flower samples sites with `random`
         outcome = RoundOutcome(round=server_round, arrays=arrays, train={})
         config = ConfigRecord(sealed(server_round, arrays))
-        messages = list(strategy.configure_train(server_round, arrays, config, grid))
+        try:
+            messages = list(strategy.configure_train(server_round, arrays, config, grid))
+        except PrivacyBudgetExhausted as e:
+            log.warning("round %d would exceed privacy.max-epsilon: stopping (%s)", server_round, e)
+            return Finished(arrays, server_round - 1, "privacy budget (privacy.max-epsilon)")
         outcome.asked = len(messages)
         outcome.bytes_down = sum(_payload_bytes(m) for m in messages)
         replies = _in_node_order(grid.send_and_receive(messages, timeout=plan.round_timeout))
@@ -141,6 +163,7 @@ def run_rounds(
             site = _site(outcome, reply)
             site["train"] = _numbers(reply.content.get("metrics"))
             site["train"]["update-norm"] = screened.norms[reply.metadata.src_node_id]
+        outcome.privacy = privacy_spent(strategy)
         outcome.train["num-examples"] = sum(
             int(site["train"].get("num-examples", 0)) for site in outcome.sites.values()
         )
@@ -151,7 +174,7 @@ def run_rounds(
             outcome.central = central(server_round, arrays)
         outcome.seconds = time.monotonic() - started
         on_round(outcome)
-    return arrays
+    return Finished(arrays, plan.last_round)
 
 
 def _evaluate(

@@ -113,8 +113,11 @@ def progress_line(outcome: RoundOutcome, rounds: int, elapsed: float) -> str:
     f1 = f"  val f1 {outcome.evaluate['f1']:.4f}" if "f1" in outcome.evaluate else ""
     central = f"  central f1 {outcome.central['f1']:.4f}" if "f1" in outcome.central else ""
     traffic = f"up {outcome.bytes_up / 1e6:.2f} MB  down {outcome.bytes_down / 1e6:.2f} MB"
+    privacy = ""
+    if outcome.privacy:
+        privacy = f"  epsilon {outcome.privacy['epsilon']:.2f} (delta {outcome.privacy['delta']:g})"
     return (
-        f"round {outcome.round}/{rounds}  {sites}  {loss}{f1}{central}  {traffic}  "
+        f"round {outcome.round}/{rounds}  {sites}  {loss}{f1}{central}{privacy}  {traffic}  "
         f"{outcome.seconds:.1f} s ({elapsed:.0f} s total)"
     )
 

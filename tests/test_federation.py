@@ -14,7 +14,7 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
 
-from client.app import evaluate, train
+from client.app import app as client_app
 from common.adapter import load_adapter
 from server.app import main
 from server.checkpoint import latest_checkpoint, read_checkpoint
@@ -72,9 +72,8 @@ class HandlerGrid(Grid):
             )
             if node in self.in_transit:
                 message = self.in_transit[node](message)
-            handler = train if message.metadata.message_type == "train" else evaluate
             try:
-                reply = handler(message, context)
+                reply = client_app(message, context)  # routes by type, with the handler's mods
                 if node in self.tamper and message.metadata.message_type == "train":
                     reply = Message(self.tamper[node](message, reply), reply_to=message)
                 replies.append(reply)
