@@ -197,7 +197,24 @@ def _evaluate(
         log.warning(
             "round %d: %d of %d sites failed to evaluate", server_round, failed, len(messages)
         )
-    return _numbers(strategy.aggregate_evaluate(server_round, replies))
+    return example_weighted([r for r in replies if not r.has_error()])
+
+
+def example_weighted(replies: list[Message]) -> Metrics:
+    """Each metric's mean over the sites, weighted by their num-examples (the sum for
+    num-examples itself). The coordinator's own arithmetic, whatever the strategy: robust
+    and DP strategies change how adapters are combined, not how a score is averaged."""
+    rows = [_numbers(r.content.get("metrics")) for r in replies]
+    rows = [row for row in rows if row.get("num-examples", 0) > 0]
+    total = sum(row["num-examples"] for row in rows)
+    if not total:
+        return {}
+    means: Metrics = {"num-examples": total}
+    for key in sorted({k for row in rows for k in row} - {"num-examples"}):
+        weighted = [(row[key], row["num-examples"]) for row in rows if key in row]
+        weight = sum(n for _, n in weighted)
+        means[key] = sum(value * n for value, n in weighted) / weight
+    return means
 
 
 def wait_for_sites(grid: Grid, needed: int, timeout: float, poll: float = 1.0) -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
 
@@ -18,7 +18,7 @@ from client.app import app as client_app
 from common.adapter import load_adapter
 from server.app import main
 from server.checkpoint import latest_checkpoint, read_checkpoint
-from server.federation import _dropped
+from server.federation import _dropped, example_weighted
 from server.strategy import RoundFailed
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -234,3 +234,13 @@ def test_a_site_gone_offline_is_dropped_under_its_own_node_id() -> None:
         {"node": 12, "reason": "site-offline"},
         {"node": 13, "reason": "no-reply-within-round-timeout"},
     ]
+
+
+def test_evaluation_metrics_are_example_weighted_whatever_the_strategy() -> None:
+    sent = Message(RecordDict(), dst_node_id=1, message_type="evaluate")
+    replies = [
+        Message(RecordDict({"metrics": MetricRecord({"f1": f1, "num-examples": n})}), reply_to=sent)
+        for f1, n in ((0.2, 10), (0.8, 30), (0.9, 0))
+    ]
+    means = example_weighted(replies)
+    assert means == {"num-examples": 40, "f1": pytest.approx((0.2 * 10 + 0.8 * 30) / 40)}
