@@ -406,15 +406,20 @@ def _audit(args: argparse.Namespace) -> int:
                 f"dropped: {dropped}; adapter {entry['adapter-sha256'][:16]}"
             )
         else:
-            print(f"  {entry['event']}: {entry.get('after-round', '')}".rstrip())
+            after = f" after round {entry['after-round']}" if "after-round" in entry else ""
+            print(f"  {entry['event']}{after} (Flower run {entry.get('run', '?')})")
     logged = {e["adapter-sha256"] for e in entries if "adapter-sha256" in e}
-    received = read_ledger(site_home(args.home) / FILE_NAME)
+    runs = {e["run"] for e in entries if "run" in e}
+    received = [e for e in read_ledger(site_home(args.home) / FILE_NAME) if e["run"] in runs]
     unknown = [e for e in received if e["received-adapter-sha256"] not in logged]
     matched = len(received) - len(unknown)
-    print(f"this site's ledger: {matched} of {len(received)} adapters received are in the log")
-    for entry in unknown:  # other runs' adapters are listed too: compare the run ids
-        print(f"  not in this log: run {entry['run']} round {entry['round']} {entry['op']}")
-    return EXIT_OK
+    print(
+        f"this site's ledger: {matched} of {len(received)} adapters received in this run are "
+        "in the log" + ("" if not unknown else "; NOT in the log:")
+    )
+    for entry in unknown:
+        print(f"  run {entry['run']} round {entry['round']} {entry['op']}")
+    return EXIT_OK if not unknown else EXIT_INVALID
 
 
 if __name__ == "__main__":

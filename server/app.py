@@ -79,11 +79,13 @@ def main(grid: Grid, context: Context) -> None:
         first_round = checkpoint.round + 1
         elapsed_before = float(checkpoint.state.get("seconds", 0.0))
         keep_rounds(run_dir, checkpoint.round)
-        append_entry(run_dir, {"event": "resumed", "after-round": checkpoint.round}, key)
+        resumed = {"event": "resumed", "after-round": checkpoint.round, "run": context.run_id}
+        append_entry(run_dir, resumed, key)
         log.info("resuming %s after round %d of %d", run_dir, checkpoint.round, fed.rounds)
     start = to_record(initial, fed.wire_dtype)
     if not fed.resume:
-        append_entry(run_dir, {"event": "started", "adapter-sha256": record_digest(start)}, key)
+        started_entry = {"event": "started", "run": context.run_id}
+        append_entry(run_dir, {**started_entry, "adapter-sha256": record_digest(start)}, key)
     warn_if_short(run_dir, _bytes_needed(initial, fed.rounds - first_round + 1), "run directory")
     start_run(run_dir, cfg, context.run_id, first_round - 1 if fed.resume else None)
     started = time.monotonic() - elapsed_before

@@ -17,7 +17,7 @@ from common.adapter import load_adapter, set_adapter_state
 from common.config import FedtuneConfig
 from common.evaluation import evaluate, load_eval_file
 from common.model import build_model, set_threads
-from server.runlog import read_rounds
+from server.runlog import read_rounds, read_run
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +198,7 @@ def write_report(
         f"{cfg.model.path}, LoRA r={cfg.lora.rank} on {cfg.lora.target_modules}. "
         f"Settings digest `{cfg.digest()[:12]}`.",
         "",
+        *_privacy_line(run_dir, cfg),
         "## Test results at each site",
         "",
         "Each site's held-out test file: the federated global adapter, each site trained alone "
@@ -219,6 +220,18 @@ def write_report(
     path = run_dir / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _privacy_line(run_dir: Path, cfg: FedtuneConfig) -> list[str]:
+    if not cfg.privacy.enabled:
+        return []
+    spent = read_run(run_dir).get("privacy") or {}
+    epsilon = f"epsilon {spent['epsilon']:.2f} at delta {spent['delta']:g}" if spent else "n/a"
+    return [
+        f"Client-level differential privacy: noise multiplier {cfg.privacy.noise_multiplier}, "
+        f"clipping norm {cfg.privacy.clipping_norm}; spent {epsilon}.",
+        "",
+    ]
 
 
 def _rounds_table(rounds: Sequence[Round]) -> list[str]:

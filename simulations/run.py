@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from common.config import FedtuneConfig, load_config
@@ -28,7 +29,7 @@ from common.flower import (
     wait_for_port,
 )
 from common.signing import PRIVATE_NAME, PUBLIC_NAME, create_signing_key
-from server.runlog import read_run
+from server.runlog import read_run, write_json
 from server.submit import absolute_paths, app_defaults, config_keys, resume_keys, submit
 from simulations.baseline import load_baselines, train_baselines
 from simulations.report import comparison, score_sites, write_report
@@ -91,6 +92,7 @@ def run_simulation(
     assert run_dir is not None
     final = load_config({**defaults, **keys})
     scores = score_sites(run_dir / "adapter", final, data_dir)
+    write_json(run_dir / "test-scores.json", [asdict(score) for score in scores])
     command = "fedtune-sim baseline" + (f" --config {override}" if override else "")
     command += f" --out {out}"
     baselines = load_baselines(out, final, data_dir)

@@ -160,7 +160,7 @@ def test_a_site_refuses_a_tampered_adapter_and_the_audit_log_records_the_rounds(
     shown = capsys.readouterr().out
     assert "3 entries, chain intact, each signed by the coordinator" in shown
     assert f"round 1: 2 sites contributed; dropped: {ATTACKED} site-error-2" in shown
-    assert "this site's ledger: 8 of 8 adapters received are in the log" in shown
+    assert "this site's ledger: 8 of 8 adapters received in this run are in the log" in shown
 
 
 def test_without_a_coordinator_key_a_site_takes_unsigned_adapters(
