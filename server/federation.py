@@ -155,8 +155,12 @@ def run_rounds(
         if len(screened.passed) < plan.min_sites:
             raise RoundFailed(_too_few(server_round, screened.passed, outcome, plan.min_sites))
         new_arrays, metrics = strategy.aggregate_train(server_round, screened.passed)
-        if new_arrays is None:
-            raise RoundFailed(f"round {server_round}: the strategy produced no adapter")
+        if new_arrays is None:  # Flower's DP wrapper refuses a round with a missing site
+            raise RoundFailed(
+                f"round {server_round}: the strategy produced no adapter from "
+                f"{len(screened.passed)} updates of {outcome.asked} sites asked; under "
+                "privacy.noise-multiplier every sampled site must send a usable update"
+            )
         arrays = outcome.arrays = in_wire_dtype(new_arrays, plan.wire_dtype)
         outcome.train = _numbers(metrics)
         for reply in screened.passed:

@@ -22,6 +22,7 @@ from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 from test_federation import CoordinatorCrash, HandlerGrid, _config, _run
 
 from common.config import ConfigError, load_config
+from server.strategy import RoundFailed
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 CLIP = 0.05
@@ -158,3 +159,15 @@ def test_a_resumed_dp_run_keeps_counting_epsilon(
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["privacy"]["releases"] for r in rows] == [1, 2, 3]
     assert rows[-1]["privacy"]["epsilon"] == pytest.approx(_accounted(3), rel=1e-9)
+
+
+def test_under_dp_a_missing_site_fails_the_round_loudly(
+    tiny_bert_dir: Path, sites: dict[int, Path], tmp_path: Path
+) -> None:
+    # The noise is calibrated to the mean of exactly min-sites updates, so under DP a round
+    # samples min-sites sites and needs every one of them: one silent site stops the run,
+    # naming why, rather than release a mean with too little noise for its size.
+    config = _dp_config(tiny_bert_dir, tmp_path, **{"federation.min-sites": 2})
+    expected = r"round 1: 1 usable updates of 2 sites asked \(1 no-reply-within-round-timeout\)"
+    with pytest.raises(RoundFailed, match=expected):
+        _run(HandlerGrid(config, sites, silent={42: {1}}))
