@@ -144,12 +144,14 @@ def superlink_command(
 
 
 def prepare(home: CoordinatorHome, port: int) -> None:
-    """Create the directories and the `fedtune` connection (local address, our CA) that
+    """Create the directories, the adapter signing key if there is none yet (its public half
+    is what sites are given), and the `fedtune` connection (local address, our CA) that
     `fedtune-server register|sites|run|resume` use to reach this SuperLink."""
     home.require_tls()
     home.make()
     for directory in (home.database.parent, home.flwr_home, home.runs, home.log.parent):
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    home.signing_key()
     write_atomic(
         home.flwr_home / "config.toml",
         "# written by fedtune-server start: the SuperLink the operator's commands reach\n"

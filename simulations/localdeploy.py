@@ -87,6 +87,15 @@ class LocalDeployment:
             capture_output=True, text=True, timeout=timeout,
         )  # fmt: skip
 
+    def submit(self, config: Path, name: str) -> subprocess.Popen[bytes]:
+        """`fedtune-server run --config` in the background, its output in root/`name`.out."""
+        with (self.root / f"{name}.out").open("w") as out:
+            return subprocess.Popen(
+                [str(BIN / "fedtune-server"), "run", "--home", str(self.home.root),
+                 "--config", str(config)],
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+
     def command(self, *args: str) -> None:
         done = subprocess.run(
             [str(BIN / args[0]), *args[1:]], capture_output=True, text=True, timeout=300

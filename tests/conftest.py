@@ -84,6 +84,20 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -
     )
 
 
+CANARY = "zqxcanarywug"
+"""A token no tokenizer vocabulary or generator produces: planted in a site's records, it
+must appear nowhere on the coordinator's side."""
+
+
+def plant_canary(path: Path, every: int = 3) -> int:
+    """Append the canary to every `every`-th record's text; returns how many carry it."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for row in rows[::every]:
+        row["text"] = f"{row['text']} {CANARY}"
+    write_jsonl(path, rows)
+    return len(rows[::every])
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -13,11 +13,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from conftest import CANARY, plant_canary
 
 from common.flower import executable, flower_env, free_port
 from server.checkpoint import latest_checkpoint, read_checkpoint
 from server.sites import list_sites
-from simulations.localdeploy import BIN, LocalDeployment
+from simulations.localdeploy import LocalDeployment
 from simulations.processes import kill_tree, stop_tree
 from simulations.synth import write_federation
 
@@ -30,6 +31,7 @@ def federation(
 ) -> Iterator[LocalDeployment]:
     root = tmp_path_factory.mktemp("deployment")
     write_federation(root / "data", num_sites=3, seed=0, records_per_site=40, heterogeneity=1.0)
+    plant_canary(root / "data" / "site-1" / "train.jsonl")
     (root / "experiment.toml").write_text(
         f'[model]\npath = "{tiny_bert_dir}"\n'
         "[federation]\nrounds = 2\nmin-sites = 3\nconnect-timeout = 120.0\n"
@@ -102,9 +104,13 @@ def test_three_sites_run_two_rounds_over_tls(federation: LocalDeployment) -> Non
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["sites-ok"] for r in rows] == [3, 3]
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
-    # The sites' data paths are node config: they never reach the coordinator.
-    for stored in [federation.home.database, *run_dir.rglob("*.json*")]:
-        assert str(federation.data).encode() not in stored.read_bytes(), stored
+    # Nothing of the sites' records, nor their data paths (node config), reaches any file
+    # of the coordinator: state database, runs, logs, submissions, Flower's home.
+    stored = [p for p in federation.home.root.rglob("*") if p.is_file()]
+    assert federation.home.database in stored and (run_dir / "audit.jsonl") in stored
+    for path in stored:
+        content = path.read_bytes()
+        assert CANARY.encode() not in content and str(federation.data).encode() not in content
     listing = federation.server("runs")
     assert f"{run_dir.name}" in listing.stdout and "completed" in listing.stdout
 
@@ -117,12 +123,7 @@ def test_a_coordinator_killed_mid_run_resumes_from_its_checkpoint(
         (federation.root / "experiment.toml").read_text().replace("rounds = 2", "rounds = 3")
     )
     before = set(federation.home.runs.glob("run-*"))
-    with (federation.root / "killed-run.out").open("w") as out:
-        submitted = subprocess.Popen(
-            [str(BIN / "fedtune-server"), "run", "--home", str(federation.home.root),
-             "--config", str(config)],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+    submitted = federation.submit(config, "killed-run")
     try:
         run_dir = _wait_for_round(federation, before, 1)
         assert federation.superlink is not None
@@ -159,12 +160,7 @@ def test_a_site_killed_mid_round_costs_its_update_and_rejoins_later(
     site_log = federation.root / "site-3.out"
     tasks_before = site_log.read_text().count("Receiving: train message")
     before = set(federation.home.runs.glob("run-*"))
-    with (federation.root / "site-fault-run.out").open("w") as out:
-        submitted = subprocess.Popen(
-            [str(BIN / "fedtune-server"), "run", "--home", str(federation.home.root),
-             "--config", str(config)],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+    submitted = federation.submit(config, "site-fault-run")
     try:
         _wait_for(lambda: site_log.read_text().count("Receiving: train message") > tasks_before)
         kill_tree(victim.pid)  # the site's machine dies while it trains round 1

@@ -10,27 +10,18 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import CANARY, plant_canary
 
 from simulations.run import run_simulation
 from simulations.synth import write_federation
 
 pytestmark = pytest.mark.slow
-CANARY = "zqxcanarywug"  # one token no tokenizer vocabulary or generator would produce
-
-
-def _plant(path: Path, every: int, text: str) -> int:
-    """Add `text` to every `every`-th record's note; returns how many records carry it."""
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    for row in rows[::every]:
-        row["text"] = f"{row['text']} {text}"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return len(rows[::every])
 
 
 def test_the_canary_never_reaches_the_coordinator(tiny_bert_dir: Path, tmp_path: Path) -> None:
     data = tmp_path / "federation"
     write_federation(data, num_sites=3, seed=0, records_per_site=60, test_records=20)
-    assert _plant(data / "site-1" / "train.jsonl", 3, CANARY) > 10
+    assert plant_canary(data / "site-1" / "train.jsonl") > 10
     failing = data / "site-3" / "train.jsonl"
     failing.write_text(
         failing.read_text() + json.dumps({"text": f"note {CANARY}", "label": CANARY}) + "\n"

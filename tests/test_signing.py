@@ -25,6 +25,7 @@ from common.signing import (
     load_verify_key,
     seal,
 )
+from server.superlink import CoordinatorHome
 
 ATTACKED = 42
 
@@ -169,3 +170,12 @@ def test_without_a_coordinator_key_a_site_takes_unsigned_adapters(
     _run(HandlerGrid(_config(tiny_bert_dir, tmp_path / "runs", **{"federation.rounds": 1}), sites))
     rows = (tmp_path / "runs" / "run-1" / "metrics.jsonl").read_text().splitlines()
     assert json.loads(rows[0])["sites-ok"] == 3
+
+
+def test_the_coordinator_makes_its_signing_key_once(tmp_path: Path) -> None:
+    home = CoordinatorHome.at(tmp_path / "coordinator")
+    first = home.signing_key()
+    public = first.with_suffix(".pub").read_bytes()
+    assert home.signing_key() == first and first.with_suffix(".pub").read_bytes() == public
+    assert oct(first.stat().st_mode & 0o777) == oct(0o600)
+    assert oct(home.signing.stat().st_mode & 0o777) == oct(0o700)
