@@ -11,13 +11,14 @@ Numbers and names only, by construction: nothing here can hold a record's text.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from common.files import append_line
 
 LEDGER_KEY = "sent-log"
 """Node config key naming the ledger file (`fedtune-site start` sets it)."""
@@ -55,10 +56,7 @@ def record_reply(
         "bytes": reply_bytes,
     }
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    with path.open("a") as f:
-        f.write(json.dumps(entry) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    append_line(path, json.dumps(entry))
 
 
 def read_ledger(path: Path) -> list[dict[str, Any]]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from common.files import storage_error
+from common.files import append_line, storage_error
 
 AUDIT_FILE = "audit.jsonl"
 GENESIS = "0" * 64
@@ -42,15 +41,10 @@ def append_entry(
     sealed = {**entry, "prev": prev, "hash": digest}
     if key is not None:
         sealed["signature"] = key.sign(bytes.fromhex(digest)).hex()
-    with path.open("ab") as f:
-        size = f.tell()
-        try:
-            f.write((json.dumps(sealed, sort_keys=True) + "\n").encode())
-            f.flush()
-            os.fsync(f.fileno())
-        except OSError as e:
-            f.truncate(size)
-            raise storage_error(e, run_dir, "run directory") from e
+    try:
+        append_line(path, json.dumps(sealed, sort_keys=True))
+    except OSError as e:
+        raise storage_error(e, run_dir, "run directory") from e
     return sealed
 
 

@@ -92,6 +92,20 @@ def write_atomic(path: Path, data: str | bytes, mode: int | None = None) -> None
         raise
 
 
+def append_line(path: Path, line: str) -> None:
+    """Append one line to a log durably. If the write fails (a full disk), the file is cut
+    back to its previous length, so no half line stays behind, and the OSError is raised."""
+    with path.open("ab") as f:
+        size = f.tell()
+        try:
+            f.write((line + "\n").encode())
+            f.flush()
+            os.fsync(f.fileno())
+        except OSError:
+            f.truncate(size)
+            raise
+
+
 def fsync_file(path: Path) -> None:
     """Flush a file written by another library to the disk."""
     with path.open("rb") as f:

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common.config import FedtuneConfig
-from common.files import storage_error, write_atomic
+from common.files import append_line, storage_error, write_atomic
 
 if TYPE_CHECKING:
     from server.federation import RoundOutcome
@@ -59,18 +58,11 @@ def read_run(run_dir: Path) -> dict[str, Any]:
 def append_round(run_dir: Path, row: Mapping[str, object]) -> None:
     """Add one round's line to metrics.jsonl, durably. If the write fails (a full disk), the
     file is cut back to its previous length: no half line stays behind."""
-    path = run_dir / METRICS_FILE
-    with path.open("ab") as f:
-        size = f.tell()
-        try:
-            f.write((json.dumps(row) + "\n").encode())
-            f.flush()
-            os.fsync(f.fileno())
-        except OSError as e:
-            f.truncate(size)
-            raise storage_error(
-                e, run_dir, "run directory", then=_resume_hint(int(str(row["round"])))
-            ) from e
+    try:
+        append_line(run_dir / METRICS_FILE, json.dumps(row))
+    except OSError as e:
+        hint = _resume_hint(int(str(row["round"])))
+        raise storage_error(e, run_dir, "run directory", then=hint) from e
 
 
 def read_rounds(run_dir: Path) -> list[dict[str, Any]]:
