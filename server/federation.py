@@ -12,12 +12,11 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import FedAvg
@@ -25,11 +24,10 @@ from flwr.serverapp.strategy import FedAvg
 from common.adapter import WIRE_NUMPY, WireDtype
 from server.checks import UpdateRules, screen
 from server.privacy import privacy_spent
+from server.replies import dropped, in_node_order, payload_bytes
 from server.strategy import RoundFailed
 
 log = logging.getLogger(__name__)
-
-_ERROR_REASONS = {ErrorCode.NODE_UNAVAILABLE: "site-offline"}
 
 Metrics = dict[str, int | float]
 CentralEvaluation = Callable[[int, ArrayRecord], Metrics]
@@ -145,11 +143,11 @@ def run_rounds(
             log.warning("round %d would exceed privacy.max-epsilon: stopping (%s)", server_round, e)
             return Finished(arrays, server_round - 1, "privacy budget (privacy.max-epsilon)")
         outcome.asked = len(messages)
-        outcome.bytes_down = sum(_payload_bytes(m) for m in messages)
-        replies = _in_node_order(grid.send_and_receive(messages, timeout=plan.round_timeout))
-        outcome.dropped = _dropped(messages, replies)
+        outcome.bytes_down = sum(payload_bytes(m) for m in messages)
+        replies = in_node_order(grid.send_and_receive(messages, timeout=plan.round_timeout))
+        outcome.dropped = dropped(messages, replies)
         arrived = [r for r in replies if not r.has_error()]
-        outcome.bytes_up = sum(_payload_bytes(r) for r in arrived)
+        outcome.bytes_up = sum(payload_bytes(r) for r in arrived)
         screened = screen(arrived, arrays, plan.rules)
         outcome.dropped += screened.dropped
         if len(screened.passed) < plan.min_sites:
@@ -191,8 +189,8 @@ def _evaluate(
 ) -> Metrics:
     server_round = outcome.round
     messages = list(strategy.configure_evaluate(server_round, arrays, config, grid))
-    outcome.bytes_down += sum(_payload_bytes(m) for m in messages)
-    replies = _in_node_order(grid.send_and_receive(messages, timeout=plan.round_timeout))
+    outcome.bytes_down += sum(payload_bytes(m) for m in messages)
+    replies = in_node_order(grid.send_and_receive(messages, timeout=plan.round_timeout))
     for reply in replies:
         if not reply.has_error():
             _site(outcome, reply)["evaluate"] = _numbers(reply.content.get("metrics"))
@@ -257,41 +255,6 @@ def in_wire_dtype(arrays: ArrayRecord, dtype: WireDtype) -> ArrayRecord:
     return ArrayRecord(
         array_dict={k: Array(np.ascontiguousarray(arrays[k].numpy(), dtype=target)) for k in arrays}
     )
-
-
-def _in_node_order(replies: Iterable[Message]) -> list[Message]:
-    """Replies sorted by site, so that aggregation sums in the same order every time."""
-    return sorted(replies, key=lambda r: r.metadata.src_node_id)
-
-
-def _dropped(sent: list[Message], replies: list[Message]) -> list[dict[str, object]]:
-    """Sites that sent an error or nothing in time, with a reason code (never error text,
-    which may quote a site's records)."""
-    site = _site_answering(sent)
-    answered = {site(r) for r in replies}
-    dropped: list[dict[str, object]] = [
-        {"node": site(r), "reason": _ERROR_REASONS.get(r.error.code, f"site-error-{r.error.code}")}
-        for r in replies
-        if r.has_error()
-    ]
-    dropped += [
-        {"node": m.metadata.dst_node_id, "reason": "no-reply-within-round-timeout"}
-        for m in sent
-        if m.metadata.dst_node_id not in answered
-    ]
-    return dropped
-
-
-def _site_answering(sent: list[Message]) -> Callable[[Message], int]:
-    """The site a reply stands for: the node its message went to. An error reply for a site
-    that went offline comes from the SuperLink itself, not from the site."""
-    sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in sent if m.metadata.message_id}
-    return lambda reply: sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
-
-
-def _payload_bytes(message: Message) -> int:
-    """Bytes of a message's records (arrays, metrics, config), as Flower counts them."""
-    return sum(record.count_bytes() for record in message.content.values())
 
 
 def _site(outcome: RoundOutcome, reply: Message) -> dict[str, Metrics]:

@@ -18,7 +18,8 @@ from client.app import app as client_app
 from common.adapter import load_adapter
 from server.app import main
 from server.checkpoint import latest_checkpoint, read_checkpoint
-from server.federation import _dropped, example_weighted
+from server.federation import example_weighted
+from server.replies import dropped
 from server.strategy import RoundFailed
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -230,7 +231,7 @@ def test_a_site_gone_offline_is_dropped_under_its_own_node_id() -> None:
     offline = Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="offline"), reply_to=sent[1])
     offline.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
     replies.append(offline)
-    assert _dropped(sent, replies) == [
+    assert dropped(sent, replies) == [
         {"node": 12, "reason": "site-offline"},
         {"node": 13, "reason": "no-reply-within-round-timeout"},
     ]

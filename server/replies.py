@@ -1,0 +1,49 @@
+"""Bookkeeping on what the sites sent back: which sites answered, which did not and why,
+and how many bytes went each way. Reason codes only, never an error's text, which may
+quote a site's records."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from flwr.app import Message
+from flwr.common.constant import ErrorCode
+
+_ERROR_REASONS = {ErrorCode.NODE_UNAVAILABLE: "site-offline"}
+
+
+def in_node_order(replies: Iterable[Message]) -> list[Message]:
+    """Replies sorted by site, so that aggregation sums in the same order every time."""
+    return sorted(replies, key=lambda r: r.metadata.src_node_id)
+
+
+def dropped(sent: list[Message], replies: list[Message]) -> list[dict[str, object]]:
+    """Sites that sent an error or nothing in time, with a reason code."""
+    site = _site_answering(sent)
+    answered = {site(r) for r in replies}
+    gone: list[dict[str, object]] = [
+        {"node": site(r), "reason": _ERROR_REASONS.get(r.error.code, f"site-error-{r.error.code}")}
+        for r in replies
+        if r.has_error()
+    ]
+    gone += [
+        {"node": m.metadata.dst_node_id, "reason": "no-reply-within-round-timeout"}
+        for m in sent
+        if m.metadata.dst_node_id not in answered
+    ]
+    return gone
+
+
+def _site_answering(sent: list[Message]) -> Callable[[Message], int]:
+    """The site a reply stands for: the node its message went to. An error reply for a site
+    that went offline comes from the SuperLink itself, not from the site."""
+    sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in sent if m.metadata.message_id}
+    return lambda reply: sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
+
+def payload_bytes(message: Message) -> int:
+    """Bytes of a message's records (arrays, metrics, config), as Flower counts them; 0 for
+    an error reply."""
+    if not message.has_content():
+        return 0
+    return sum(record.count_bytes() for record in message.content.values())
