@@ -31,19 +31,26 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 from flwr.common.constant import ErrorCode
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client.ledger import LEDGER_KEY, record_reply
 from client.task import Result, Task, failure_reason
 from client.worker import WorkerError, WorkerUnavailable, ask
-from common.config import DP_WEIGHT
+from common.config import DP_WEIGHT, SECURE_CLIPPING_RANGE, SECURE_MAX_WEIGHT
+from common.payload import content_bytes
 from common.signing import adapter_digest, check_seal, load_verify_key
 
 log = logging.getLogger(__name__)
 app = ClientApp()
+_FIT_METRICS = "fitres.metrics"
+"""Where the legacy FitRes layout (secure aggregation) keeps the metrics."""
 Handler = Callable[[Message, Context], Message]
 
 
@@ -55,14 +62,17 @@ def _guarded(handler: Handler) -> Handler:
         try:
             return handler(msg, context)
         except Exception as e:
-            error_type = e.error_type if isinstance(e, WorkerError) else type(e).__name__
-            _log_failure(msg, context, e)
-            error = Error(
-                code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=failure_reason(error_type)
-            )
-            return Message(error, reply_to=msg)
+            return _error_reply(msg, context, e)
 
     return run
+
+
+def _error_reply(msg: Message, context: Context, error: Exception) -> Message:
+    """The reply for a failed task: a code and the exception's type; the text is logged."""
+    error_type = error.error_type if isinstance(error, WorkerError) else type(error).__name__
+    _log_failure(msg, context, error)
+    reason = failure_reason(error_type)
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
 
 
 def _log_failure(msg: Message, context: Context, error: Exception) -> None:
@@ -78,24 +88,91 @@ def _log_failure(msg: Message, context: Context, error: Exception) -> None:
 
 
 def _record_sent(msg: Message, context: Context, call_next: Handler) -> Message:
-    """Outermost mod: describe the reply, exactly as it leaves (after any clipping), in the
-    site's ledger (node config `sent-log`)."""
+    """Outermost mod: describe the reply, exactly as it leaves (after any clipping or
+    masking), in the site's ledger (node config `sent-log`)."""
+    stage = str(_secure_config(msg).get(Key.STAGE, ""))  # the protocol's mod removes it
+    received = adapter_digest(_arrays(msg)) if "arrays" in msg.content else ""
     reply = call_next(msg, context)
     ledger = context.node_config.get(LEDGER_KEY)
     if ledger and not reply.has_error():
         sent = reply.content.get("arrays")
-        metrics = reply.content.get("metrics")
+        metrics = reply.content.get("metrics") or reply.content.get(_FIT_METRICS)
         record_reply(
             Path(str(ledger)),
             run_id=context.run_id,
-            server_round=int(str(_config_record(msg).get("server-round", 0))),
+            server_round=_round(msg),
             op=msg.metadata.message_type,
-            received_sha256=adapter_digest(_arrays(msg)),
+            received_sha256=received,
             arrays={k: sent[k].numpy() for k in sent} if isinstance(sent, ArrayRecord) else {},
-            metrics=dict(metrics) if isinstance(metrics, MetricRecord) else {},
-            reply_bytes=sum(r.count_bytes() for r in reply.content.values()),
+            metrics=_numbers(metrics),
+            reply_bytes=content_bytes(reply.content),
+            secure_stage=stage,
         )
     return reply
+
+
+def _mask_when_asked(msg: Message, context: Context, call_next: Handler) -> Message:
+    """Flower's `secaggplus_mod` when the coordinator runs secure aggregation (its train
+    messages then carry a protocol stage): the adapter leaves masked, so that only the sum
+    over the round's sites can be recovered. Otherwise nothing. A failure at any stage
+    leaves as a code and the exception type, as in the handler."""
+    if RECORD_KEY_CONFIGS not in msg.content.config_records:
+        return call_next(msg, context)
+    try:
+        return secaggplus_mod(msg, context, _as_fit_result(call_next))
+    except _HandlerFailed as failed:
+        return failed.reply
+    except Exception as e:
+        return _error_reply(msg, context, e)
+
+
+class SecureBoundsError(ValueError):
+    """An adapter value or a weight outside what secure aggregation can sum exactly."""
+
+
+class _HandlerFailed(Exception):
+    """The handler's error reply, carried out through the SecAgg+ mod unchanged."""
+
+    def __init__(self, reply: Message) -> None:
+        super().__init__("the train handler replied with an error")
+        self.reply = reply
+
+
+def _as_fit_result(call_next: Handler) -> Handler:
+    """The train handler, replying in the legacy FitRes layout the SecAgg+ mod masks: the
+    adapter in float64, and the weight (num-examples; 1 under DP) and metrics. Values the
+    protocol would clip or overflow are refused here, naming the setting to change."""
+
+    def handler(msg: Message, context: Context) -> Message:
+        protocol = msg.content.pop(RECORD_KEY_CONFIGS)  # the handler sees a plain train task
+        try:
+            reply = call_next(msg, context)
+        finally:
+            msg.content[RECORD_KEY_CONFIGS] = protocol
+        if reply.has_error():
+            raise _HandlerFailed(reply)
+        config = _config_record(msg)
+        record = reply.content["arrays"]
+        metrics = _numbers(reply.content.get("metrics"))
+        assert isinstance(record, ArrayRecord)
+        values = [record[k].numpy().astype(np.float64) for k in record]
+        largest = max(float(np.abs(v).max(initial=0.0)) for v in values)
+        bound = float(str(config[SECURE_CLIPPING_RANGE]))
+        if not largest <= bound:
+            raise SecureBoundsError(
+                f"an adapter value of magnitude {largest:.4g} is outside +-{bound:g}, the range "
+                "secure aggregation can sum; raise secure-aggregation.clipping-range"
+            )
+        weight = int(metrics.get(DP_WEIGHT, metrics["num-examples"]))
+        if weight > int(str(config[SECURE_MAX_WEIGHT])):
+            raise SecureBoundsError(
+                f"this site's weight (num-examples {weight}) is above "
+                f"secure-aggregation.max-weight ({config[SECURE_MAX_WEIGHT]}); raise it"
+            )
+        fit = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(values), weight, metrics)
+        return Message(compat.fitres_to_recorddict(fit, keep_input=False), reply_to=msg)
+
+    return handler
 
 
 def _clip_when_asked(msg: Message, context: Context, call_next: Handler) -> Message:
@@ -106,7 +183,7 @@ def _clip_when_asked(msg: Message, context: Context, call_next: Handler) -> Mess
     return call_next(msg, context)
 
 
-@app.train(mods=[_record_sent, _clip_when_asked])
+@app.train(mods=[_record_sent, _mask_when_asked, _clip_when_asked])
 @_guarded
 def train(msg: Message, context: Context) -> Message:
     """Train the received global adapter on this site's data; reply with the new adapter."""
@@ -184,3 +261,24 @@ def _verify_key(path: str) -> Ed25519PublicKey:
 def _config_record(msg: Message) -> ConfigRecord:
     record = msg.content.get("config")
     return record if isinstance(record, ConfigRecord) else ConfigRecord()
+
+
+def _secure_config(msg: Message) -> ConfigRecord:
+    record = msg.content.get(RECORD_KEY_CONFIGS)
+    return record if isinstance(record, ConfigRecord) else ConfigRecord()
+
+
+def _round(msg: Message) -> int:
+    """The round a task belongs to: its config says, or (secure-aggregation key stages,
+    which carry no config) its group id."""
+    value = _config_record(msg).get("server-round", msg.metadata.group_id)
+    return int(str(value)) if str(value).isdigit() else 0
+
+
+def _numbers(record: object) -> dict[str, int | float]:
+    """A metrics record's numbers (a MetricRecord, or the FitRes layout's ConfigRecord)."""
+    if not isinstance(record, MetricRecord | ConfigRecord):
+        return {}
+    return {
+        k: v for k, v in record.items() if isinstance(v, int | float) and not isinstance(v, bool)
+    }

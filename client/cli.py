@@ -410,7 +410,11 @@ def _audit(args: argparse.Namespace) -> int:
             print(f"  {entry['event']}{after} (Flower run {entry.get('run', '?')})")
     logged = {e["adapter-sha256"] for e in entries if "adapter-sha256" in e}
     runs = {e["run"] for e in entries if "run" in e}
-    received = [e for e in read_ledger(site_home(args.home) / FILE_NAME) if e["run"] in runs]
+    received = [
+        e
+        for e in read_ledger(site_home(args.home) / FILE_NAME)
+        if e["run"] in runs and e["received-adapter-sha256"]  # secure-aggregation key stages
+    ]
     unknown = [e for e in received if e["received-adapter-sha256"] not in logged]
     matched = len(received) - len(unknown)
     print(

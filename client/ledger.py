@@ -23,6 +23,8 @@ from common.files import append_line
 LEDGER_KEY = "sent-log"
 """Node config key naming the ledger file (`fedtune-site start` sets it)."""
 FILE_NAME = "sent.jsonl"
+MASKED_STAGE = "collect_masked_vectors"
+"""The secure-aggregation stage whose reply carries the (masked) adapter."""
 
 
 def record_reply(
@@ -35,8 +37,11 @@ def record_reply(
     arrays: Mapping[str, np.ndarray],
     metrics: Mapping[str, int | float],
     reply_bytes: int,
+    secure_stage: str = "",
 ) -> None:
-    """Append one reply's description, durably, before the reply is handed to Flower."""
+    """Append one reply's description, durably, before the reply is handed to Flower.
+    Under secure aggregation a train task is four messages; `secure_stage` names the
+    protocol stage, and the stage that carries the adapter sends it masked (no tensors)."""
     entry = {
         "time": round(time.time(), 3),
         "run": run_id,
@@ -54,6 +59,7 @@ def record_reply(
         ],
         "metrics": {k: float(v) for k, v in metrics.items()},
         "bytes": reply_bytes,
+        **({"secure-stage": secure_stage} if secure_stage else {}),
     }
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     append_line(path, json.dumps(entry))
@@ -75,11 +81,17 @@ def read_ledger(path: Path) -> list[dict[str, Any]]:
 def describe(entry: Mapping[str, Any]) -> list[str]:
     """One reply as lines for a terminal: what, when, and each tensor with its norm."""
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry["time"]))
+    stage = entry.get("secure-stage", "")
+    what = f"{entry['op']} (secure aggregation, {stage})" if stage else entry["op"]
+    received = entry["received-adapter-sha256"]
     lines = [
-        f"run {entry['run']} round {entry['round']} {entry['op']} at {when}: "
-        f"{entry['bytes']} bytes; received adapter sha256 {entry['received-adapter-sha256']}",
-        "  metrics: " + ", ".join(f"{k} {v:g}" for k, v in sorted(entry["metrics"].items())),
+        f"run {entry['run']} round {entry['round']} {what} at {when}: {entry['bytes']} bytes"
+        + (f"; received adapter sha256 {received}" if received else ""),
     ]
+    if entry["metrics"]:
+        lines.append(
+            "  metrics: " + ", ".join(f"{k} {v:g}" for k, v in sorted(entry["metrics"].items()))
+        )
     if entry["tensors"]:
         width = max(len(t["name"]) for t in entry["tensors"])
         lines.append(f"  {len(entry['tensors'])} tensors:")
@@ -88,6 +100,10 @@ def describe(entry: Mapping[str, Any]) -> list[str]:
             f"norm {t['norm']:.6g}"
             for t in entry["tensors"]
         ]
+    elif stage == MASKED_STAGE:
+        lines.append("  the adapter, masked: only the sum over the round's sites can be unmasked")
+    elif stage:
+        lines.append("  protocol keys and key shares only")
     else:
         lines.append("  no tensors (an evaluation reply carries metrics only)")
     return lines

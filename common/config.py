@@ -316,6 +316,31 @@ class PrivacySettings(_Section):
         return self.noise_multiplier > 0
 
 
+class SecureAggregationSettings(_Section):
+    """Secure aggregation (Flower's SecAgg+), off by default. When on, each site masks its
+    adapter so that the coordinator can recover only the example-weighted sum over the sites
+    of a round, never one site's adapter. Honest-but-curious coordinator only; per-update
+    checks and robust strategies cannot work on a sum (docs: PRIVACY.md)."""
+
+    enabled: bool = False
+
+    num_shares: int = Field(3, ge=3)
+    """Sites each site's masking secrets are shared with (itself included): more survive
+    more dropouts, at more work per round. At least the round's sites makes it SecAgg."""
+
+    reconstruction_threshold: int = Field(2, ge=2)
+    """Shares needed to rebuild a secret: a round survives sites dropping out as long as
+    every site keeps this many live share holders; a coalition of fewer learns nothing."""
+
+    clipping_range: float = Field(1.0, gt=0)
+    """Every adapter value a site sends must lie within +-this to be quantised; a site with
+    a larger value refuses the round, naming this key."""
+
+    max_weight: int = Field(10_000, ge=1)
+    """Largest num-examples a site may weigh in with; a site above it refuses the round,
+    naming this key. Larger values cost quantisation precision (docs: PRIVACY.md)."""
+
+
 class FedtuneConfig(_Section):
     """All settings of a run, one section per concern."""
 
@@ -325,6 +350,7 @@ class FedtuneConfig(_Section):
     train: TrainSettings = TrainSettings()
     federation: FederationSettings = FederationSettings()
     privacy: PrivacySettings = PrivacySettings()
+    secure_aggregation: SecureAggregationSettings = SecureAggregationSettings()
     simulation: SimulationSettings = SimulationSettings()
 
     @model_validator(mode="after")
@@ -341,6 +367,42 @@ class FedtuneConfig(_Section):
                 f"privacy.noise-multiplier needs federation.strategy {' or '.join(DP_STRATEGIES)}"
                 f" (uniform averaging, which the accounting assumes); got "
                 f'"{self.federation.strategy}"'
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _secure_aggregation_fits_the_federation(self) -> FedtuneConfig:
+        secure, fed = self.secure_aggregation, self.federation
+        if not secure.enabled:
+            return self
+        if fed.strategy not in SECURE_STRATEGIES:
+            raise ValueError(
+                f"secure-aggregation.enabled needs a strategy that averages: federation.strategy"
+                f' one of {", ".join(SECURE_STRATEGIES)}; got "{fed.strategy}" (a robust '
+                "strategy needs each site's update, which secure aggregation hides)"
+            )
+        if fed.clip_update_norm > 0:
+            raise ValueError(
+                "secure-aggregation.enabled and federation.clip-update-norm cannot be combined: "
+                "the coordinator never sees one site's update to clip it; use "
+                "privacy.clipping-norm, which clips at the site"
+            )
+        if fed.min_sites < 2:
+            raise ValueError(
+                "secure-aggregation.enabled needs federation.min-sites of 2 or more: the sum "
+                "of one site's update is that update"
+            )
+        if secure.reconstruction_threshold >= secure.num_shares:
+            raise ValueError(
+                "secure-aggregation.reconstruction-threshold must be below "
+                f"secure-aggregation.num-shares ({secure.num_shares}); got "
+                f"{secure.reconstruction_threshold}"
+            )
+        if secure.reconstruction_threshold > fed.min_sites:
+            raise ValueError(
+                "secure-aggregation.reconstruction-threshold "
+                f"({secure.reconstruction_threshold}) must not exceed federation.min-sites "
+                f"({fed.min_sites}): a round of min-sites sites could never unmask its sum"
             )
         return self
 
@@ -372,6 +434,12 @@ class FedtuneConfig(_Section):
 # how long it waits for sites to connect.
 DP_STRATEGIES = ("fedavg", "fedprox")
 """Strategies whose aggregation Flower's DP accounting supports (FedAvg's own)."""
+SECURE_STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+"""Strategies that need only the sites' weighted mean, which secure aggregation yields."""
+SECURE_CLIPPING_RANGE = "secure-clipping-range"
+SECURE_MAX_WEIGHT = "secure-max-weight"
+"""Train config entries under secure aggregation: the bounds a site's adapter values and
+weight must keep for the masked sum to come out right."""
 DP_WEIGHT = "uniform-weight"
 """The metric every site reports as 1 under DP: the coordinator averages with equal weights."""
 

@@ -123,6 +123,7 @@ def main(grid: Grid, context: Context) -> None:
         seed=cfg.train.seed,
         rules=UpdateRules.of(fed),
         wire_dtype=fed.wire_dtype,
+        secure=cfg.secure_aggregation if cfg.secure_aggregation.enabled else None,
     )
     try:
         final = run_rounds(

@@ -22,9 +22,11 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import FedAvg
 
 from common.adapter import WIRE_NUMPY, WireDtype
+from common.config import SecureAggregationSettings
 from server.checks import UpdateRules, screen
 from server.privacy import privacy_spent
 from server.replies import dropped, in_node_order, payload_bytes
+from server.secure import secure_train
 from server.strategy import RoundFailed
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,8 @@ class RoundPlan:
     """What every update is checked against before aggregation (server/checks.py)."""
     wire_dtype: WireDtype = "fp32"
     """The global adapter's dtype: what the sites receive and what a checkpoint holds."""
+    secure: SecureAggregationSettings | None = None
+    """Secure aggregation's settings when it is on (server/secure.py); None: off."""
 
     def evaluates(self, server_round: int) -> bool:
         """Whether the sites evaluate the global adapter after this round."""
@@ -143,11 +147,7 @@ def run_rounds(
             log.warning("round %d would exceed privacy.max-epsilon: stopping (%s)", server_round, e)
             return Finished(arrays, server_round - 1, "privacy budget (privacy.max-epsilon)")
         outcome.asked = len(messages)
-        outcome.bytes_down = sum(payload_bytes(m) for m in messages)
-        replies = in_node_order(grid.send_and_receive(messages, timeout=plan.round_timeout))
-        outcome.dropped = dropped(messages, replies)
-        arrived = [r for r in replies if not r.has_error()]
-        outcome.bytes_up = sum(payload_bytes(r) for r in arrived)
+        arrived = _exchange(grid, messages, arrays, plan, outcome)
         screened = screen(arrived, arrays, plan.rules)
         outcome.dropped += screened.dropped
         if len(screened.passed) < plan.min_sites:
@@ -164,7 +164,8 @@ def run_rounds(
         for reply in screened.passed:
             site = _site(outcome, reply)
             site["train"] = _numbers(reply.content.get("metrics"))
-            site["train"]["update-norm"] = screened.norms[reply.metadata.src_node_id]
+            if plan.secure is None:  # under it each reply holds the aggregate, not an update
+                site["train"]["update-norm"] = screened.norms[reply.metadata.src_node_id]
         outcome.privacy = privacy_spent(strategy)
         outcome.train["num-examples"] = sum(
             int(site["train"].get("num-examples", 0)) for site in outcome.sites.values()
@@ -177,6 +178,24 @@ def run_rounds(
         outcome.seconds = time.monotonic() - started
         on_round(outcome)
     return Finished(arrays, plan.last_round)
+
+
+def _exchange(
+    grid: Grid, messages: list[Message], arrays: ArrayRecord, plan: RoundPlan, outcome: RoundOutcome
+) -> list[Message]:
+    """Send the train tasks and collect the usable replies, noting drops and bytes. Under
+    secure aggregation the replies are stand-ins that each carry the unmasked aggregate."""
+    if plan.secure is not None:
+        exchange = secure_train(grid, messages, arrays, plan.secure, plan.round_timeout)
+        outcome.dropped = exchange.dropped
+        outcome.bytes_down, outcome.bytes_up = exchange.bytes_down, exchange.bytes_up
+        return in_node_order(exchange.replies)
+    outcome.bytes_down = sum(payload_bytes(m) for m in messages)
+    replies = in_node_order(grid.send_and_receive(messages, timeout=plan.round_timeout))
+    outcome.dropped = dropped(messages, replies)
+    arrived = [r for r in replies if not r.has_error()]
+    outcome.bytes_up = sum(payload_bytes(r) for r in arrived)
+    return arrived
 
 
 def _evaluate(

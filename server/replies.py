@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterable
 from flwr.app import Message
 from flwr.common.constant import ErrorCode
 
+from common.payload import content_bytes
+
 _ERROR_REASONS = {ErrorCode.NODE_UNAVAILABLE: "site-offline"}
 
 
@@ -44,6 +46,4 @@ def _site_answering(sent: list[Message]) -> Callable[[Message], int]:
 def payload_bytes(message: Message) -> int:
     """Bytes of a message's records (arrays, metrics, config), as Flower counts them; 0 for
     an error reply."""
-    if not message.has_content():
-        return 0
-    return sum(record.count_bytes() for record in message.content.values())
+    return content_bytes(message.content) if message.has_content() else 0

@@ -4,6 +4,7 @@ with a Grid that hands each message straight to the handler of the site it is ad
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -49,6 +50,8 @@ class HandlerGrid(Grid):
         self.silent = silent or {}  # node -> rounds it hangs or is cut off (no reply in time)
         self.node_config = node_config or {}  # more node config for every site
         self.in_transit = in_transit or {}  # node -> what alters its messages on the way
+        self.contexts: dict[int, Context] = {}  # a site's context lives across messages
+        self.received: list[Message] = []  # every reply that reached the coordinator
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.sites)
@@ -58,19 +61,24 @@ class HandlerGrid(Grid):
     ) -> Iterable[Message]:
         replies = []
         for message in messages:
-            server_round = int(message.content["config"].get("server-round", 0))
+            config = message.content.get("config") or {"server-round": message.metadata.group_id}
+            server_round = int(config.get("server-round", 0))
             if server_round == self.crash_in_round and message.metadata.message_type == "train":
                 raise CoordinatorCrash
             node = message.metadata.dst_node_id
             if server_round in self.silent.get(node, set()):
                 continue  # what the Grid returns when a site does not answer within the timeout
-            context = Context(
-                run_id=1,
-                node_id=node,
-                node_config={"data-path": str(self.sites[node]), **self.node_config},
-                state=RecordDict(),
-                run_config=self.run_config,  # type: ignore[arg-type]
+            context = self.contexts.setdefault(
+                node,
+                Context(
+                    run_id=1,
+                    node_id=node,
+                    node_config={"data-path": str(self.sites[node]), **self.node_config},
+                    state=RecordDict(),
+                    run_config=self.run_config,  # type: ignore[arg-type]
+                ),
             )
+            message = copy.deepcopy(message)  # as over the wire: the site's own copy
             if node in self.in_transit:
                 message = self.in_transit[node](message)
             try:
@@ -80,6 +88,7 @@ class HandlerGrid(Grid):
                 replies.append(reply)
             except Exception as e:  # as Flower does: the site's failure becomes an error reply
                 replies.append(Message(Error(code=2, reason=type(e).__name__), reply_to=message))
+        self.received += copy.deepcopy(replies)  # as they arrived
         return replies
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
