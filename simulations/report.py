@@ -223,15 +223,23 @@ def write_report(
 
 
 def _privacy_line(run_dir: Path, cfg: FedtuneConfig) -> list[str]:
-    if not cfg.privacy.enabled:
-        return []
-    spent = read_run(run_dir).get("privacy") or {}
-    epsilon = f"epsilon {spent['epsilon']:.2f} at delta {spent['delta']:g}" if spent else "n/a"
-    return [
-        f"Client-level differential privacy: noise multiplier {cfg.privacy.noise_multiplier}, "
-        f"clipping norm {cfg.privacy.clipping_norm}; spent {epsilon}.",
-        "",
-    ]
+    lines = []
+    if cfg.privacy.enabled:
+        spent = read_run(run_dir).get("privacy") or {}
+        epsilon = f"epsilon {spent['epsilon']:.2f} at delta {spent['delta']:g}" if spent else "n/a"
+        lines += [
+            f"Client-level differential privacy: noise multiplier "
+            f"{cfg.privacy.noise_multiplier}, clipping norm {cfg.privacy.clipping_norm}; "
+            f"spent {epsilon}.",
+            "",
+        ]
+    if cfg.secure_aggregation.enabled:
+        lines += [
+            "Secure aggregation (SecAgg+): the coordinator saw only the mean of each round's "
+            "adapters; the per-site update norms are not known.",
+            "",
+        ]
+    return lines
 
 
 def _rounds_table(rounds: Sequence[Round]) -> list[str]:
