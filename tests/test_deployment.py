@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import CANARY, plant_canary
 
+from client.ledger import MASKED_STAGE, read_ledger
 from common.flower import executable, flower_env, free_port
 from server.checkpoint import latest_checkpoint, read_checkpoint
 from server.sites import list_sites
@@ -113,6 +114,27 @@ def test_three_sites_run_two_rounds_over_tls(federation: LocalDeployment) -> Non
         assert CANARY.encode() not in content and str(federation.data).encode() not in content
     listing = federation.server("runs")
     assert f"{run_dir.name}" in listing.stdout and "completed" in listing.stdout
+
+
+def test_secure_aggregation_over_tls(federation: LocalDeployment) -> None:
+    """SecAgg+ across real processes: each site's four protocol messages each start a
+    ClientApp process, and the protocol's state lives in the SuperNode between them."""
+    config = federation.root / "secure.toml"
+    config.write_text(
+        (federation.root / "experiment.toml").read_text().replace("rounds = 2", "rounds = 1")
+        + "[secure-aggregation]\nenabled = true\n"
+    )
+    before = set(federation.home.runs.glob("run-*"))
+    done = federation.server("run", "--config", str(config))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (run_dir,) = set(federation.home.runs.glob("run-*")) - before
+    (row,) = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert row["sites-ok"] == 3 and row["dropped"] == []
+    (run_id,) = json.loads((run_dir / "run.json").read_text())["flower-run-ids"]
+    sent = [e for e in read_ledger(federation.root / "site-1" / "sent.jsonl") if e["run"] == run_id]
+    stages = [e.get("secure-stage") for e in sent if e["op"] == "train"]
+    assert stages == ["setup", "share_keys", MASKED_STAGE, "unmask"]
+    assert all(e["tensors"] == [] for e in sent if e["op"] == "train")
 
 
 def test_a_coordinator_killed_mid_run_resumes_from_its_checkpoint(
