@@ -42,6 +42,7 @@ class HandlerGrid(Grid):
         silent: dict[int, set[int]] | None = None,
         node_config: dict[str, object] | None = None,
         in_transit: dict[int, Callable[[Message], Message]] | None = None,
+        record: bool = False,
     ) -> None:
         self.run_config = run_config
         self.sites = sites
@@ -51,7 +52,8 @@ class HandlerGrid(Grid):
         self.node_config = node_config or {}  # more node config for every site
         self.in_transit = in_transit or {}  # node -> what alters its messages on the way
         self.contexts: dict[int, Context] = {}  # a site's context lives across messages
-        self.received: list[Message] = []  # every reply that reached the coordinator
+        self.record = record
+        self.received: list[Message] = []  # with `record`: every reply, as it arrived
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.sites)
@@ -88,7 +90,8 @@ class HandlerGrid(Grid):
                 replies.append(reply)
             except Exception as e:  # as Flower does: the site's failure becomes an error reply
                 replies.append(Message(Error(code=2, reason=type(e).__name__), reply_to=message))
-        self.received += copy.deepcopy(replies)  # as they arrived
+        if self.record:
+            self.received += copy.deepcopy(replies)
         return replies
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:

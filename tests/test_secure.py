@@ -26,6 +26,11 @@ TOLERANCE = 1e-5
 max weight it measured 6e-7 to 7e-7 here (the error grows with max-weight / examples)."""
 
 
+def _recording(*args: object, **kwargs: object) -> HandlerGrid:
+    """A HandlerGrid that keeps every reply as it reached the coordinator."""
+    return HandlerGrid(*args, record=True, **kwargs)  # type: ignore[arg-type]
+
+
 def _adapter(run_dir: Path) -> dict[str, np.ndarray]:
     tensors, _ = load_adapter(run_dir / "adapter")
     return {k: v.numpy() for k, v in tensors.items()}
@@ -50,12 +55,12 @@ def _rows(run_dir: Path) -> list[dict]:
 def test_the_coordinator_gets_the_fedavg_adapter_and_no_site_adapter(
     tiny_bert_dir: Path, sites: dict[int, Path], tmp_path: Path
 ) -> None:
-    plain = HandlerGrid(
+    plain = _recording(
         _config(tiny_bert_dir, tmp_path / "plain", **{"federation.rounds": 1}), sites
     )
     _run(plain)
     ledger = tmp_path / "sent.jsonl"
-    secure = HandlerGrid(
+    secure = _recording(
         _config(tiny_bert_dir, tmp_path / "secure", **SECURE),
         sites,
         node_config={"sent-log": str(ledger)},
@@ -95,9 +100,9 @@ def test_a_site_that_fails_after_the_key_exchange_is_left_out_of_a_correct_sum(
     masks are rebuilt from the others' shares and removed, so the sum is the other three's."""
     broken = {**sites, 5: tmp_path / "missing.jsonl"}
     _run(
-        HandlerGrid(_config(tiny_bert_dir, tmp_path / "plain", **{"federation.rounds": 1}), broken)
+        _recording(_config(tiny_bert_dir, tmp_path / "plain", **{"federation.rounds": 1}), broken)
     )
-    grid = HandlerGrid(_config(tiny_bert_dir, tmp_path / "secure", **SECURE), broken)
+    grid = _recording(_config(tiny_bert_dir, tmp_path / "secure", **SECURE), broken)
     _run(grid)
 
     row = _rows(tmp_path / "secure" / "run-1")[0]
@@ -113,7 +118,7 @@ def test_dp_noise_is_added_to_the_secure_sum(
     tiny_bert_dir: Path, sites: dict[int, Path], tmp_path: Path
 ) -> None:
     dp = {"privacy.noise-multiplier": 0.5, "privacy.clipping-norm": 0.05, "federation.min-sites": 3}
-    grid = HandlerGrid(_config(tiny_bert_dir, tmp_path, **SECURE, **dp), sites)
+    grid = _recording(_config(tiny_bert_dir, tmp_path, **SECURE, **dp), sites)
     _run(grid)
     row = _rows(tmp_path / "run-1")[0]
     assert row["sites-ok"] == 3 and row["privacy"]["epsilon"] > 0
@@ -129,7 +134,7 @@ def test_an_adapter_value_outside_the_clipping_range_is_refused_by_name(
     tiny_bert_dir: Path, sites: dict[int, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     tight = {**SECURE, "secure-aggregation.clipping-range": 1e-4}
-    grid = HandlerGrid(_config(tiny_bert_dir, tmp_path, **tight), sites)
+    grid = _recording(_config(tiny_bert_dir, tmp_path, **tight), sites)
     with pytest.raises(SecureAggregationFailed, match="could not unmask the sum: 3 of 3 sites"):
         _run(grid)
     errors = [r.error.reason for r in grid.received if r.has_error()]
@@ -143,7 +148,7 @@ def test_a_weight_above_max_weight_is_refused_by_name(
 ) -> None:
     small = {**SECURE, "secure-aggregation.max-weight": 5}
     with pytest.raises(SecureAggregationFailed):
-        _run(HandlerGrid(_config(tiny_bert_dir, tmp_path, **small), sites))
+        _run(_recording(_config(tiny_bert_dir, tmp_path, **small), sites))
     assert "above secure-aggregation.max-weight (5)" in caplog.text
 
 
@@ -179,7 +184,7 @@ def test_a_plain_round_is_unchanged_by_the_secure_mod(
     tiny_bert_dir: Path, sites: dict[int, Path], tmp_path: Path
 ) -> None:
     """Without secure aggregation the train reply is the plain adapter (the mod steps aside)."""
-    grid = HandlerGrid(_config(tiny_bert_dir, tmp_path, **{"federation.rounds": 1}), sites)
+    grid = _recording(_config(tiny_bert_dir, tmp_path, **{"federation.rounds": 1}), sites)
     _run(grid)
     train = [
         r for r in grid.received if isinstance(r, Message) and r.metadata.message_type == "train"
