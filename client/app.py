@@ -41,9 +41,14 @@ from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client.ledger import LEDGER_KEY, record_reply
-from client.task import Result, Task, failure_reason
+from client.task import Result, Task, failure_reason, site_rank
 from client.worker import WorkerError, WorkerUnavailable, ask
-from common.config import DP_WEIGHT, SECURE_CLIPPING_RANGE, SECURE_MAX_WEIGHT
+from common.config import (
+    DP_WEIGHT,
+    FROZEN_SHA256,
+    SECURE_CLIPPING_RANGE,
+    SECURE_MAX_WEIGHT,
+)
 from common.payload import content_bytes
 from common.signing import adapter_digest, check_seal, load_verify_key
 
@@ -194,6 +199,8 @@ def train(msg: Message, context: Context) -> Message:
         _checked(msg, context),
         server_round=int(config.get("server-round", 1)),
         proximal_mu=float(config.get("proximal-mu", 0.0)),
+        frozen_sha256=str(config.get(FROZEN_SHA256, "")),
+        lora_rank=site_rank(dict(context.node_config), dict(context.run_config)),
     )
     result = _carry_out(task, context)
     # In the order received: the clipping mod pairs the two adapters key by key.
@@ -210,8 +217,15 @@ def train(msg: Message, context: Context) -> Message:
 @_guarded
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the received global adapter on this site's validation (or test) split."""
-    split = str(_config_record(msg).get("split", "val"))
-    task = Task("evaluate", dict(context.run_config), _checked(msg, context), split=split)
+    config = _config_record(msg)
+    task = Task(
+        "evaluate",
+        dict(context.run_config),
+        _checked(msg, context),
+        split=str(config.get("split", "val")),
+        frozen_sha256=str(config.get(FROZEN_SHA256, "")),
+        lora_rank=site_rank(dict(context.node_config), dict(context.run_config)),
+    )
     metrics = _carry_out(task, context).metrics
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 

@@ -10,6 +10,8 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
+
 from client.dataset import load_site
 from client.task import Metrics, Result, Task
 from client.train import schedule_over, train_local
@@ -17,11 +19,12 @@ from common.adapter import (
     AdapterState,
     from_wire,
     get_adapter_state,
-    set_adapter_state,
     to_wire,
 )
-from common.config import FedtuneConfig, load_config
+from common.config import FedtuneConfig, LoraSettings, load_config
 from common.evaluation import evaluate
+from common.ffa import load_received
+from common.lora_math import lora_pairs, padded, padded_into, refactored
 from common.model import build_model, set_threads
 
 SPLITS = ("val", "test")
@@ -46,6 +49,7 @@ def train_round(
     global_adapter: AdapterState,
     server_round: int,
     proximal_mu: float = 0.0,
+    frozen_sha256: str = "",
 ) -> tuple[AdapterState, Metrics]:
     """Start from the global adapter, train this round's local steps, return the new adapter.
 
@@ -55,7 +59,7 @@ def train_round(
     set_threads(cfg.train.num_threads)
     site = load_site(data_path, cfg)
     model = build_model(cfg)
-    set_adapter_state(model, global_adapter)
+    load_received(model, global_adapter, cfg.lora, frozen_sha256)
     round_cfg, per_round = schedule_over(cfg, len(site.train), cfg.federation.rounds)
     result = train_local(
         model,
@@ -75,7 +79,11 @@ def train_round(
 
 
 def evaluate_round(
-    cfg: FedtuneConfig, data_path: Path, global_adapter: AdapterState, split: str = "val"
+    cfg: FedtuneConfig,
+    data_path: Path,
+    global_adapter: AdapterState,
+    split: str = "val",
+    frozen_sha256: str = "",
 ) -> Metrics:
     """Metrics of the global adapter on the site's validation or test split."""
     if split not in SPLITS:
@@ -84,7 +92,7 @@ def evaluate_round(
     set_threads(cfg.train.num_threads)
     site = load_site(data_path, cfg)
     model = build_model(cfg)
-    set_adapter_state(model, global_adapter)
+    load_received(model, global_adapter, cfg.lora, frozen_sha256)
     data = site.val if split == "val" else site.test
     metrics: Metrics = dict(evaluate(model, data, cfg))
     metrics["num-examples"] = len(data)
@@ -96,10 +104,58 @@ def perform(task: Task, data_path: Path) -> Result:
     """Carry out one message's task on this site's data, in NumPy terms on both sides, so
     the ClientApp and the warm worker (client/worker.py) run exactly the same code."""
     cfg = load_config(task.run_config)
-    adapter = from_wire(task.arrays)
+    run_rank, site = cfg.lora.rank, at_site_rank(cfg, task.lora_rank)
+    adapter = from_wire(at_rank(task.arrays, site.lora, run_rank))
     if task.op == "train":
         state, metrics = train_round(
-            cfg, data_path, adapter, task.server_round, proximal_mu=task.proximal_mu
+            site, data_path, adapter, task.server_round, task.proximal_mu, task.frozen_sha256
         )
-        return Result(to_wire(state, cfg.federation.wire_dtype), metrics)
-    return Result({}, evaluate_round(cfg, data_path, adapter, task.split))
+        trained = to_wire(state, cfg.federation.wire_dtype)
+        sent = at_rank(trained, cfg.lora, site.lora.rank, received=task.arrays)
+        return Result(sent, metrics)
+    return Result({}, evaluate_round(site, data_path, adapter, task.split, task.frozen_sha256))
+
+
+def at_site_rank(cfg: FedtuneConfig, rank: int) -> FedtuneConfig:
+    """The run's settings with this site's LoRA rank (0 or lora.rank: unchanged)."""
+    if rank in (0, cfg.lora.rank):
+        return cfg
+    if cfg.lora.aggregation == "ffa":
+        raise ValueError(
+            f"this site's lora-rank {rank} differs from the run's lora.rank {cfg.lora.rank}, "
+            "which lora.aggregation ffa does not allow (each rank has another frozen A)"
+        )
+    if cfg.lora.aggregation == "naive" and rank > cfg.lora.rank:
+        raise ValueError(
+            f"this site's lora-rank {rank} is above the run's lora.rank {cfg.lora.rank}, "
+            "which naive aggregation cannot hold; use lora.aggregation exact"
+        )
+    return cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"rank": rank})})
+
+
+def at_rank(
+    arrays: dict[str, np.ndarray],
+    lora: LoraSettings,
+    rank: int,
+    received: dict[str, np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
+    """Adapter arrays at rank `rank` moved to `lora.rank`; unchanged when equal.
+
+    exact: the product re-factorised at the new rank (the same product when it fits).
+    naive: to a lower rank, the leading components; back up to the run's rank, into the
+    adapter the site `received`, so that the components the site did not train are
+    unchanged (its update is zero-padded)."""
+    if lora.rank == rank:
+        return arrays
+    scale, new_scale = lora.alpha / rank, lora.alpha / lora.rank
+    out = dict(arrays)
+    for key_a, key_b in lora_pairs(arrays):
+        b, a = arrays[key_b], arrays[key_a]
+        if lora.aggregation == "exact":
+            b, a = refactored(b, a, scale, lora.rank, new_scale)
+        elif received is None:
+            b, a = padded(b, a, scale, lora.rank, new_scale)
+        else:
+            b, a = padded_into(received[key_b], received[key_a], b, a, scale / new_scale)
+        out[key_a], out[key_b] = np.ascontiguousarray(a), np.ascontiguousarray(b)
+    return out

@@ -20,6 +20,18 @@ def failure_reason(error_type: str) -> str:
     return f"{TASK_FAILED} ({error_type})"
 
 
+def site_rank(node_config: dict[str, object], run_config: dict[str, object]) -> int:
+    """This site's LoRA rank: node config `lora-rank`; for simulated site k the k-th of
+    `simulation.site-ranks` (cycled); 0 (the run's lora.rank) when neither is set."""
+    if "lora-rank" in node_config:
+        return int(str(node_config["lora-rank"]))
+    ranks = str(run_config.get("simulation.site-ranks", "")).strip()
+    if ranks and "partition-id" in node_config:
+        listed = [int(r) for r in ranks.split(",")]
+        return listed[int(str(node_config["partition-id"])) % len(listed)]
+    return 0
+
+
 @dataclass(frozen=True)
 class Task:
     """One train or evaluate request."""
@@ -30,6 +42,10 @@ class Task:
     server_round: int = 1
     proximal_mu: float = 0.0
     split: str = "val"
+    frozen_sha256: str = ""
+    """FFA-LoRA: sha256 of the coordinator's frozen A factors, checked against the site's."""
+    lora_rank: int = 0
+    """The LoRA rank this site trains at (node config `lora-rank`); 0: the run's lora.rank."""
 
     def header(self) -> dict[str, object]:
         """Everything but the arrays, as JSON-ready values."""
@@ -39,6 +55,8 @@ class Task:
             "server-round": self.server_round,
             "proximal-mu": self.proximal_mu,
             "split": self.split,
+            "frozen-sha256": self.frozen_sha256,
+            "lora-rank": self.lora_rank,
         }
 
     @classmethod
@@ -53,6 +71,8 @@ class Task:
             server_round=int(header.get("server-round", 1)),  # type: ignore[call-overload]
             proximal_mu=float(header.get("proximal-mu", 0.0)),  # type: ignore[arg-type]
             split=str(header.get("split", "val")),
+            frozen_sha256=str(header.get("frozen-sha256", "")),
+            lora_rank=int(header.get("lora-rank", 0)),  # type: ignore[call-overload]
         )
 
 

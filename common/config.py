@@ -79,6 +79,13 @@ class LoraSettings(_Section):
     init_seed: int = Field(0, ge=0)
     """Seed of the adapter's (and classification head's) initial weights, shared by all sites."""
 
+    aggregation: Literal["naive", "ffa", "exact"] = "naive"
+    """How the sites' LoRA factors are combined (docs: LORA.md). naive: A and B averaged
+    separately, which is not the mean of the products B @ A. ffa: A stays at its shared
+    initial value (frozen) and only B (and the head) is trained and sent, which makes the
+    mean exact and halves the adapter on the wire. exact: the coordinator averages the
+    products B @ A and re-factorises the mean at lora.rank by a truncated SVD."""
+
     @model_validator(mode="after")
     def _modules_not_empty(self) -> LoraSettings:
         if not self.module_list:
@@ -284,6 +291,11 @@ class SimulationSettings(_Section):
     """Mean records per synthetic site (before the site's own validation and test splits);
     0 uses the generator's default (575). 400 keeps the default run to a few minutes."""
 
+    site_ranks: str = ""
+    """Simulated sites only: comma-separated LoRA ranks, site k training at the k-th (cycled),
+    e.g. `4,8,16`; empty: every site at lora.rank. A deployed site sets its own with
+    `fedtune-site start --lora-rank`. Replies travel at lora.rank (docs: LORA.md)."""
+
     verify_key: str = ""
     """Simulated sites only: the coordinator's public signing key they check adapters
     against (`fedtune-sim run` sets it). A deployed site is given its key as node config
@@ -371,6 +383,42 @@ class FedtuneConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _site_ranks_are_ranks(self) -> FedtuneConfig:
+        ranks = self.simulation.site_ranks
+        if not ranks.strip():
+            return self
+        try:
+            parsed = parse_ranks(ranks)
+        except ValueError:
+            raise ValueError(
+                "simulation.site-ranks must be comma-separated ranks from 1 to 1024, e.g. "
+                f'"4,8,16"; got "{ranks}"'
+            ) from None
+        if self.lora.aggregation == "ffa" and set(parsed) != {self.lora.rank}:
+            raise ValueError(
+                "lora.aggregation ffa needs every site at lora.rank (a frozen A of another "
+                "rank is another random matrix); drop simulation.site-ranks or use exact"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _exact_lora_fits_the_federation(self) -> FedtuneConfig:
+        if self.lora.aggregation != "exact":
+            return self
+        if self.federation.strategy not in EXACT_STRATEGIES:
+            raise ValueError(
+                f"lora.aggregation exact needs federation.strategy {' or '.join(EXACT_STRATEGIES)}"
+                f' (a plain weighted mean of the products); got "{self.federation.strategy}"'
+            )
+        if self.secure_aggregation.enabled or self.privacy.enabled:
+            raise ValueError(
+                "lora.aggregation exact needs each site's factors, which secure-aggregation and "
+                'privacy.noise-multiplier hide or perturb; use lora.aggregation = "ffa", whose '
+                "mean is exact under both"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _secure_aggregation_fits_the_federation(self) -> FedtuneConfig:
         secure, fed = self.secure_aggregation, self.federation
         if not secure.enabled:
@@ -434,8 +482,12 @@ class FedtuneConfig(_Section):
 # how long it waits for sites to connect.
 DP_STRATEGIES = ("fedavg", "fedprox")
 """Strategies whose aggregation Flower's DP accounting supports (FedAvg's own)."""
+EXACT_STRATEGIES = ("fedavg", "fedprox")
+"""Strategies whose aggregate is the weighted mean that exact LoRA aggregation replaces."""
 SECURE_STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
 """Strategies that need only the sites' weighted mean, which secure aggregation yields."""
+FROZEN_SHA256 = "frozen-sha256"
+"""Task config entry under FFA-LoRA: the sha256 of the coordinator's frozen A factors."""
 SECURE_CLIPPING_RANGE = "secure-clipping-range"
 SECURE_MAX_WEIGHT = "secure-max-weight"
 """Train config entries under secure aggregation: the bounds a site's adapter values and
@@ -450,6 +502,14 @@ DIGEST_EXEMPT = (
     "federation.signing-key",
     "simulation.verify-key",
 )
+
+
+def parse_ranks(text: str) -> list[int]:
+    """`simulation.site-ranks` as a list; ValueError unless every entry is 1 to 1024."""
+    ranks = [int(part) for part in text.split(",")]
+    if not ranks or not all(1 <= r <= 1024 for r in ranks):
+        raise ValueError(text)
+    return ranks
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -25,6 +25,7 @@ from transformers import (
 
 from common.adapter import get_adapter_state, set_adapter_state
 from common.config import FedtuneConfig, LoraSettings, ModelSettings
+from common.lora_math import is_lora_a
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +187,8 @@ def _build(path: Path, settings: ModelSettings, lora: LoraSettings, device: torc
     for param in model.parameters():
         if param.requires_grad:
             param.data = param.data.float()
+    if lora.aggregation == "ffa":
+        freeze_lora_a(model)
     if settings.gradient_checkpointing:
         # transformers 5 renamed the method; 4.x has only the old name
         kwargs = {"use_reentrant": False}
@@ -197,6 +200,13 @@ def _build(path: Path, settings: ModelSettings, lora: LoraSettings, device: torc
     trainable, total = model.get_nb_trainable_parameters()
     log.info("LoRA model ready: %d trainable of %d parameters, on %s", trainable, total, device)
     return _Built(model=model, initial_adapter=get_adapter_state(model))
+
+
+def freeze_lora_a(model: torch.nn.Module) -> None:
+    """FFA-LoRA: the A factors stay at their shared initial value."""
+    for name, param in model.named_parameters():
+        if is_lora_a(name):
+            param.requires_grad_(False)
 
 
 def _load_base(

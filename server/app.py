@@ -18,10 +18,11 @@ from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from peft import PeftModel
 
-from common.adapter import get_adapter_state, save_adapter, set_adapter_state
+from common.adapter import AdapterState, get_adapter_state, save_adapter, set_adapter_state
 from common.auditlog import append_entry
-from common.config import DP_WEIGHT, FedtuneConfig, load_config
+from common.config import DP_WEIGHT, FROZEN_SHA256, FedtuneConfig, load_config
 from common.evaluation import evaluate, load_eval_file
+from common.ffa import frozen_digest, frozen_part
 from common.files import check_writable, warn_if_short
 from common.model import build_model
 from common.signing import load_signing_key, seal
@@ -82,7 +83,8 @@ def main(grid: Grid, context: Context) -> None:
         resumed = {"event": "resumed", "after-round": checkpoint.round, "run": context.run_id}
         append_entry(run_dir, resumed, key)
         log.info("resuming %s after round %d of %d", run_dir, checkpoint.round, fed.rounds)
-    start = to_record(initial, fed.wire_dtype)
+    frozen = frozen_part(initial, cfg.lora)  # FFA-LoRA: A never travels
+    start = to_record({k: v for k, v in initial.items() if k not in frozen}, fed.wire_dtype)
     if not fed.resume:
         started_entry = {"event": "started", "run": context.run_id}
         append_entry(run_dir, {**started_entry, "adapter-sha256": record_digest(start)}, key)
@@ -107,7 +109,7 @@ def main(grid: Grid, context: Context) -> None:
         append_round(run_dir, {**outcome.row(), "seconds": round(elapsed, 3)})
         append_entry(run_dir, round_entry(outcome), key)
         state = {**run_state, "seconds": round(elapsed, 3), **accountant_state(strategy)}
-        adapter = from_record(outcome.arrays)
+        adapter = {**frozen, **from_record(outcome.arrays)}
         write_checkpoint(
             run_dir, outcome.round, adapter, peft_config, state, server_state(strategy)
         )
@@ -124,6 +126,7 @@ def main(grid: Grid, context: Context) -> None:
         rules=UpdateRules.of(fed),
         wire_dtype=fed.wire_dtype,
         secure=cfg.secure_aggregation if cfg.secure_aggregation.enabled else None,
+        exact_lora=cfg.lora if cfg.lora.aggregation == "exact" else None,
     )
     try:
         final = run_rounds(
@@ -132,8 +135,8 @@ def main(grid: Grid, context: Context) -> None:
             start,
             plan,
             after_round,
-            central_evaluation(cfg, model) if fed.eval_file else None,
-            _sealer(key, context.run_id),
+            central_evaluation(cfg, model, frozen) if fed.eval_file else None,
+            _task_config(key, context.run_id, frozen),
         )
     except Exception as e:
         try:
@@ -141,18 +144,24 @@ def main(grid: Grid, context: Context) -> None:
         except OSError as unrecorded:  # a full disk: the original error is the one to show
             log.error("could not record the failure in %s: %s", run_dir, unrecorded.strerror)
         raise
-    save_adapter(from_record(final.arrays), peft_config, run_dir / "adapter")
+    save_adapter({**frozen, **from_record(final.arrays)}, peft_config, run_dir / "adapter")
     ended = {"stopped": final.stopped} if final.stopped else {}
     spent = {"privacy": privacy_spent(strategy)} if dp else {}
     finish_run(run_dir, "completed", rounds=final.rounds, **ended, **spent)
     log.info("run finished: adapter, checkpoints and metrics in %s", run_dir)
 
 
-def _sealer(key: Ed25519PrivateKey | None, run_id: int) -> Seal | None:
-    """Signs each adapter sent, so that sites can refuse one that is not the coordinator's."""
+def _task_config(key: Ed25519PrivateKey | None, run_id: int, frozen: AdapterState) -> Seal:
+    """What every task carries for the site to check what it was sent: the adapter's
+    signature (with a key), so that a site can refuse one that is not the coordinator's;
+    and under FFA-LoRA the digest of the frozen A factors, which the site holds itself."""
+    fixed: dict[str, str | bytes] = {FROZEN_SHA256: frozen_digest(frozen)} if frozen else {}
     if key is None:
-        return None
-    return lambda server_round, arrays: seal(key, run_id, server_round, record_arrays(arrays))
+        return lambda server_round, arrays: dict(fixed)
+    return lambda server_round, arrays: {
+        **fixed,
+        **seal(key, run_id, server_round, record_arrays(arrays)),
+    }
 
 
 def _bytes_needed(adapter: dict[str, torch.Tensor], rounds: int) -> int:
@@ -162,12 +171,14 @@ def _bytes_needed(adapter: dict[str, torch.Tensor], rounds: int) -> int:
     return 3 * size * rounds + size
 
 
-def central_evaluation(cfg: FedtuneConfig, model: PeftModel) -> CentralEvaluation:
+def central_evaluation(
+    cfg: FedtuneConfig, model: PeftModel, frozen: AdapterState
+) -> CentralEvaluation:
     """Scores the global adapter on the coordinator's own file (`federation.eval-file`)."""
     data = load_eval_file(Path(cfg.federation.eval_file), cfg)
 
     def score(server_round: int, arrays: ArrayRecord) -> Metrics:
-        set_adapter_state(model, from_record(arrays))
+        set_adapter_state(model, {**frozen, **from_record(arrays)})
         return dict(evaluate(model, data, cfg))
 
     return score

@@ -22,8 +22,9 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import FedAvg
 
 from common.adapter import WIRE_NUMPY, WireDtype
-from common.config import SecureAggregationSettings
+from common.config import LoraSettings, SecureAggregationSettings
 from server.checks import UpdateRules, screen
+from server.lora_mean import exact_lora_mean
 from server.privacy import privacy_spent
 from server.replies import dropped, in_node_order, payload_bytes
 from server.secure import secure_train
@@ -61,6 +62,9 @@ class RoundPlan:
     """The global adapter's dtype: what the sites receive and what a checkpoint holds."""
     secure: SecureAggregationSettings | None = None
     """Secure aggregation's settings when it is on (server/secure.py); None: off."""
+    exact_lora: LoraSettings | None = None
+    """The global LoRA shape when the sites' products are averaged (server/lora_mean.py);
+    None: the strategy's mean of each factor."""
 
     def evaluates(self, server_round: int) -> bool:
         """Whether the sites evaluate the global adapter after this round."""
@@ -159,8 +163,16 @@ def run_rounds(
                 f"{len(screened.passed)} updates of {outcome.asked} sites asked; under "
                 "privacy.noise-multiplier every sampled site must send a usable update"
             )
+        lost = None
+        if plan.exact_lora is not None:
+            lora, weight_key = plan.exact_lora, strategy.weighted_by_key
+            new_arrays, lost = exact_lora_mean(
+                new_arrays, screened.passed, weight_key, lora.rank, lora.alpha
+            )
         arrays = outcome.arrays = in_wire_dtype(new_arrays, plan.wire_dtype)
         outcome.train = _numbers(metrics)
+        if lost is not None:
+            outcome.train["lora-energy-lost"] = lost
         for reply in screened.passed:
             site = _site(outcome, reply)
             site["train"] = _numbers(reply.content.get("metrics"))

@@ -43,6 +43,7 @@ class HandlerGrid(Grid):
         node_config: dict[str, object] | None = None,
         in_transit: dict[int, Callable[[Message], Message]] | None = None,
         record: bool = False,
+        per_node: dict[int, dict[str, object]] | None = None,
     ) -> None:
         self.run_config = run_config
         self.sites = sites
@@ -53,6 +54,7 @@ class HandlerGrid(Grid):
         self.in_transit = in_transit or {}  # node -> what alters its messages on the way
         self.contexts: dict[int, Context] = {}  # a site's context lives across messages
         self.record = record
+        self.per_node = per_node or {}  # node -> node config of that site only
         self.received: list[Message] = []  # with `record`: every reply, as it arrived
 
     def get_node_ids(self) -> Iterable[int]:
@@ -75,7 +77,11 @@ class HandlerGrid(Grid):
                 Context(
                     run_id=1,
                     node_id=node,
-                    node_config={"data-path": str(self.sites[node]), **self.node_config},
+                    node_config={
+                        "data-path": str(self.sites[node]),
+                        **self.node_config,
+                        **self.per_node.get(node, {}),
+                    },
                     state=RecordDict(),
                     run_config=self.run_config,  # type: ignore[arg-type]
                 ),

@@ -99,9 +99,7 @@ def test_a_site_that_fails_after_the_key_exchange_is_left_out_of_a_correct_sum(
     """Site 5 takes part in the key stages, then cannot train (its data file is gone): its
     masks are rebuilt from the others' shares and removed, so the sum is the other three's."""
     broken = {**sites, 5: tmp_path / "missing.jsonl"}
-    _run(
-        _recording(_config(tiny_bert_dir, tmp_path / "plain", **{"federation.rounds": 1}), broken)
-    )
+    _run(_recording(_config(tiny_bert_dir, tmp_path / "plain", **{"federation.rounds": 1}), broken))
     grid = _recording(_config(tiny_bert_dir, tmp_path / "secure", **SECURE), broken)
     _run(grid)
 
