@@ -112,6 +112,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     start.add_argument("--key", type=Path, help="private key (default: HOME/site.key)")
     start.add_argument(
+        "--lora-rank",
+        type=_rank,
+        default=0,
+        help="train at this LoRA rank instead of the run's lora.rank (less memory and compute "
+        "at a small site); replies still travel at the run's rank (docs: LORA.md)",
+    )
+    start.add_argument(
         "--port", type=int, default=9094, help="local port of the SuperNode's runtime API"
     )
     start.add_argument("--host", default="127.0.0.1", help="address of the SuperNode's runtime API")
@@ -168,6 +175,13 @@ def _parser() -> argparse.ArgumentParser:
     _home_arg(audit)
     audit.set_defaults(run=_audit)
     return parser
+
+
+def _rank(text: str) -> int:
+    rank = int(text)
+    if not 1 <= rank <= 1024:
+        raise argparse.ArgumentTypeError(f"--lora-rank must be from 1 to 1024, got {rank}")
+    return rank
 
 
 def _data_args(parser: argparse.ArgumentParser) -> None:
@@ -369,6 +383,7 @@ def _start(args: argparse.Namespace) -> int:
         socket_path,
         args.coordinator_key,
         home / LEDGER_FILE,
+        args.lora_rank,
     )
     flwr_home = home / "flwr-home"
     flwr_home.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -61,10 +61,12 @@ def supernode_command(
     worker_socket: Path | None = None,
     coordinator_key: Path | None = None,
     sent_log: Path | None = None,
+    lora_rank: int = 0,
 ) -> list[str]:
     """`flower-supernode` for this site: TLS only (no --insecure, ever), authenticated;
     the ClientApp finds the data, the warm worker, the coordinator's public signing key and
-    the ledger of what it sent through the node config, which stays on the site."""
+    the ledger of what it sent, and the LoRA rank it trains at (0: the run's) through the
+    node config, which stays on the site."""
     if not ADDRESS.fullmatch(superlink):
         raise ValueError(f"--superlink {superlink!r}: expected HOST:PORT, e.g. fl.example.org:443")
     if isolation not in ISOLATION:
@@ -88,7 +90,10 @@ def supernode_command(
         "--auth-supernode-private-key",
         str(key.resolve()),
         "--node-config",
-        " ".join(f'{key}="{path}"' for key, path in node_config.items()),
+        " ".join(
+            [f'{key}="{path}"' for key, path in node_config.items()]
+            + ([f"lora-rank={lora_rank}"] if lora_rank else [])
+        ),
         "--isolation",
         isolation,
         "--host",

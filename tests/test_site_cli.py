@@ -170,6 +170,22 @@ def test_start_runs_an_authenticated_tls_supernode_with_the_data_path_as_node_co
     )
 
 
+def test_a_site_rank_goes_to_the_node_config_as_flower_reads_it(
+    tmp_path: Path, joining: dict, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from flwr.common.config import parse_config_args
+
+    data = write_jsonl(tmp_path / "notes.jsonl", _notes(20))
+    with pytest.raises(SystemExit):
+        main([*joining["args"], "--data", str(data), "--worker", "none", "--lora-rank", "4"])
+    argv = joining["started"]["argv"]
+    node_config = parse_config_args([argv[argv.index("--node-config") + 1]])
+    assert node_config["lora-rank"] == 4 and node_config["data-path"] == str(data.resolve())
+    with pytest.raises(SystemExit):
+        main([*joining["args"], "--data", str(data), "--lora-rank", "0"])
+    assert "--lora-rank must be from 1 to 1024, got 0" in capsys.readouterr().err
+
+
 def test_start_refuses_invalid_data_before_joining(
     tmp_path: Path, joining: dict, capsys: pytest.CaptureFixture[str]
 ) -> None:
