@@ -31,23 +31,19 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
-from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 from flwr.common.constant import ErrorCode
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
-from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client.ledger import LEDGER_KEY, record_reply
+from client.secure import masking_mod
 from client.task import Result, Task, failure_reason, site_rank
 from client.worker import WorkerError, WorkerUnavailable, ask
 from common.config import (
     DP_WEIGHT,
     FROZEN_SHA256,
-    SECURE_CLIPPING_RANGE,
-    SECURE_MAX_WEIGHT,
 )
 from common.payload import content_bytes
 from common.signing import adapter_digest, check_seal, load_verify_key
@@ -116,68 +112,7 @@ def _record_sent(msg: Message, context: Context, call_next: Handler) -> Message:
     return reply
 
 
-def _mask_when_asked(msg: Message, context: Context, call_next: Handler) -> Message:
-    """Flower's `secaggplus_mod` when the coordinator runs secure aggregation (its train
-    messages then carry a protocol stage): the adapter leaves masked, so that only the sum
-    over the round's sites can be recovered. Otherwise nothing. A failure at any stage
-    leaves as a code and the exception type, as in the handler."""
-    if RECORD_KEY_CONFIGS not in msg.content.config_records:
-        return call_next(msg, context)
-    try:
-        return secaggplus_mod(msg, context, _as_fit_result(call_next))
-    except _HandlerFailed as failed:
-        return failed.reply
-    except Exception as e:
-        return _error_reply(msg, context, e)
-
-
-class SecureBoundsError(ValueError):
-    """An adapter value or a weight outside what secure aggregation can sum exactly."""
-
-
-class _HandlerFailed(Exception):
-    """The handler's error reply, carried out through the SecAgg+ mod unchanged."""
-
-    def __init__(self, reply: Message) -> None:
-        super().__init__("the train handler replied with an error")
-        self.reply = reply
-
-
-def _as_fit_result(call_next: Handler) -> Handler:
-    """The train handler, replying in the legacy FitRes layout the SecAgg+ mod masks: the
-    adapter in float64, and the weight (num-examples; 1 under DP) and metrics. Values the
-    protocol would clip or overflow are refused here, naming the setting to change."""
-
-    def handler(msg: Message, context: Context) -> Message:
-        protocol = msg.content.pop(RECORD_KEY_CONFIGS)  # the handler sees a plain train task
-        try:
-            reply = call_next(msg, context)
-        finally:
-            msg.content[RECORD_KEY_CONFIGS] = protocol
-        if reply.has_error():
-            raise _HandlerFailed(reply)
-        config = _config_record(msg)
-        record = reply.content["arrays"]
-        metrics = _numbers(reply.content.get("metrics"))
-        assert isinstance(record, ArrayRecord)
-        values = [record[k].numpy().astype(np.float64) for k in record]
-        largest = max(float(np.abs(v).max(initial=0.0)) for v in values)
-        bound = float(str(config[SECURE_CLIPPING_RANGE]))
-        if not largest <= bound:
-            raise SecureBoundsError(
-                f"an adapter value of magnitude {largest:.4g} is outside +-{bound:g}, the range "
-                "secure aggregation can sum; raise secure-aggregation.clipping-range"
-            )
-        weight = int(metrics.get(DP_WEIGHT, metrics["num-examples"]))
-        if weight > int(str(config[SECURE_MAX_WEIGHT])):
-            raise SecureBoundsError(
-                f"this site's weight (num-examples {weight}) is above "
-                f"secure-aggregation.max-weight ({config[SECURE_MAX_WEIGHT]}); raise it"
-            )
-        fit = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(values), weight, metrics)
-        return Message(compat.fitres_to_recorddict(fit, keep_input=False), reply_to=msg)
-
-    return handler
+_mask_when_asked = masking_mod(lambda msg, context, e: _error_reply(msg, context, e))
 
 
 def _clip_when_asked(msg: Message, context: Context, call_next: Handler) -> Message:
