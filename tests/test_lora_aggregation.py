@@ -13,6 +13,7 @@ import torch
 from flwr.app import ArrayRecord, Message
 from test_federation import HandlerGrid, _config, _run
 
+from client.task import site_rank
 from common.adapter import load_adapter
 from common.config import FROZEN_SHA256, ConfigError, load_config
 from common.lora_math import is_lora_a, lora_pairs
@@ -193,3 +194,24 @@ def test_naive_aggregation_refuses_a_site_rank_above_the_runs(
     _run(_recording(config, sites, per_node={first: {"lora-rank": 8}}))
     assert _rows(tmp_path / "run-1")[0]["dropped"] == [{"node": first, "reason": "site-error-2"}]
     assert "use lora.aggregation exact" in caplog.text
+
+
+def test_a_simulated_site_takes_its_rank_from_the_list_and_a_deployed_one_from_its_node() -> None:
+    run = {"simulation.site-ranks": "4,8,16"}
+    assert [site_rank({"partition-id": k}, run) for k in range(4)] == [4, 8, 16, 4]
+    assert site_rank({"partition-id": 0, "lora-rank": 2}, run) == 2
+    assert site_rank({"data-path": "/x"}, run) == 0  # a deployed site without lora-rank
+    assert site_rank({"partition-id": 1}, {}) == 0
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"simulation.site-ranks": "4,x"}, "comma-separated ranks from 1 to 1024"),
+        ({"simulation.site-ranks": "4,0"}, "comma-separated ranks from 1 to 1024"),
+        ({"simulation.site-ranks": "4,8", "lora.aggregation": "ffa"}, "ffa needs every site"),
+    ],
+)
+def test_site_ranks_that_cannot_work_are_refused(extra: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(extra)
