@@ -150,11 +150,33 @@ def test_exact_aggregation_refuses_what_it_cannot_combine_with(
         load_config({"lora.aggregation": "exact", **extra})
 
 
-def test_ffa_combines_with_secure_aggregation_and_dp() -> None:
-    load_config({"lora.aggregation": "ffa", "secure-aggregation.enabled": True})
-    load_config(
-        {"lora.aggregation": "ffa", "privacy.noise-multiplier": 1.0, "privacy.clipping-norm": 1.0}
+def test_ffa_runs_under_secure_aggregation_and_dp(
+    tiny_bert_dir: Path, sites: dict[int, Path], tmp_path: Path
+) -> None:
+    extra = {
+        **ONE_ROUND,
+        "lora.aggregation": "ffa",
+        "secure-aggregation.enabled": True,
+        "privacy.noise-multiplier": 0.5,
+        "privacy.clipping-norm": 0.05,
+        "federation.min-sites": 3,
+    }
+    grid = _recording(_config(tiny_bert_dir, tmp_path, **extra), sites)
+    _run(grid)
+    row = _rows(tmp_path / "run-1")[0]
+    assert row["sites-ok"] == 3 and row["privacy"]["epsilon"] > 0
+    assert not any(  # masked: no array reached the coordinator
+        isinstance(record, ArrayRecord) and len(record) > 0
+        for reply in _train_replies(grid)
+        for record in reply.content.values()
     )
+    cfg = load_config(_config(tiny_bert_dir, tmp_path, **extra))
+    initial = {k: v.clone() for k, v in build_model(cfg).state_dict().items() if "lora_A" in k}
+    final, _ = load_adapter(tmp_path / "run-1" / "adapter")
+    for key, value in final.items():
+        if is_lora_a(key):
+            (match,) = [v for k, v in initial.items() if k.startswith(key.removesuffix(".weight"))]
+            assert torch.equal(value, match), key
 
 
 @pytest.mark.parametrize(("mode", "site_ranks"), [("exact", (2, 4, 8)), ("naive", (2, 3, 4))])
