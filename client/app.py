@@ -112,7 +112,7 @@ def _record_sent(msg: Message, context: Context, call_next: Handler) -> Message:
     return reply
 
 
-_mask_when_asked = masking_mod(lambda msg, context, e: _error_reply(msg, context, e))
+_mask_when_asked = masking_mod(_error_reply)
 
 
 def _clip_when_asked(msg: Message, context: Context, call_next: Handler) -> Message:

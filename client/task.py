@@ -9,6 +9,8 @@ from typing import Literal
 
 import numpy as np
 
+from common.config import parse_ranks
+
 Op = Literal["train", "evaluate"]
 Metrics = dict[str, int | float]
 TASK_FAILED = "site-task-failed"
@@ -27,7 +29,7 @@ def site_rank(node_config: dict[str, object], run_config: dict[str, object]) -> 
         return int(str(node_config["lora-rank"]))
     ranks = str(run_config.get("simulation.site-ranks", "")).strip()
     if ranks and "partition-id" in node_config:
-        listed = [int(r) for r in ranks.split(",")]
+        listed = parse_ranks(ranks)
         return listed[int(str(node_config["partition-id"])) % len(listed)]
     return 0
 

@@ -10,7 +10,7 @@ other library versions) refuses the task rather than train a different adapter.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 import torch
 from peft import PeftModel
@@ -25,15 +25,10 @@ def frozen(lora: LoraSettings) -> bool:
     return lora.aggregation == "ffa"
 
 
-def sent_keys(keys: Iterable[str], lora: LoraSettings) -> list[str]:
-    """The adapter keys that travel between the sites and the coordinator."""
-    return [k for k in keys if not (frozen(lora) and is_lora_a(k))]
-
-
 def frozen_part(state: Mapping[str, torch.Tensor], lora: LoraSettings) -> AdapterState:
-    """The part of an adapter that never travels (empty unless FFA-LoRA)."""
-    travelling = set(sent_keys(state, lora))
-    return {k: v for k, v in state.items() if k not in travelling}
+    """The part of an adapter that never travels: its A factors under FFA-LoRA, else
+    nothing."""
+    return {k: v for k, v in state.items() if frozen(lora) and is_lora_a(k)}
 
 
 def frozen_digest(part: Mapping[str, torch.Tensor]) -> str:

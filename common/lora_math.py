@@ -109,9 +109,8 @@ def refactored(
     product when the new rank holds it, its best approximation when it does not."""
     if rank == a.shape[0] and new_scale == scale:
         return b, a
-    row_norm = float(np.sqrt(np.mean(np.sum(a.astype(np.float64) ** 2, axis=1))))
     product = scale * (b.astype(np.float64) @ a.astype(np.float64))
-    factors = refactor(product, rank, new_scale, row_norm or 1.0)
+    factors = refactor(product, rank, new_scale, row_norm_of([a], [1.0]) or 1.0)
     return factors.b.astype(b.dtype), factors.a.astype(a.dtype)
 
 

@@ -134,11 +134,11 @@ def secure_train(
                 {"arrays": aggregate, "metrics": MetricRecord(relay.metrics[node])}  # type: ignore[arg-type]
             )
             outcome.replies.append(reply)
+    accounted = summed | {d["node"] for d in outcome.dropped}
     outcome.dropped += [
         {"node": m.metadata.dst_node_id, "reason": "not-in-secure-sum"}
         for m in messages
-        if m.metadata.dst_node_id not in summed
-        and m.metadata.dst_node_id not in {d["node"] for d in outcome.dropped}
+        if m.metadata.dst_node_id not in accounted
     ]
     return outcome
 

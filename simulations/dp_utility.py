@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from server.runlog import read_rounds, read_run, write_json
+from simulations.report import pooled_test_scores
 from simulations.run import run_simulation
 
 CONFIG = Path(__file__).parent / "configs" / "dp.toml"
@@ -44,16 +45,15 @@ def measure(noise: list[float], out: Path, clip: float | None) -> dict[str, obje
         norms = [s["train"]["update-norm"] for s in rounds[0]["sites"].values() if "train" in s]
         if z == 0 and clip is None:
             clip = round(statistics.median(norms), 3)
-        scores = json.loads((run_dir / "test-scores.json").read_text())
-        total = sum(s["records"] for s in scores)
+        scores = pooled_test_scores(run_dir)
         rows.append(
             {
                 "noise-multiplier": z,
                 "clipping-norm": clip if z > 0 else None,
                 "epsilon": (read_run(run_dir).get("privacy") or {}).get("epsilon"),
                 "delta": 1e-5 if z > 0 else None,
-                "test-f1": sum(s["metrics"]["f1"] * s["records"] for s in scores) / total,
-                "test-auroc": sum(s["metrics"]["auroc"] * s["records"] for s in scores) / total,
+                "test-f1": scores["f1"],
+                "test-auroc": scores["auroc"],
                 "round-1-update-norms": norms,
                 "rounds": len(rounds),
                 "seconds": round(seconds, 1),

@@ -6,6 +6,7 @@ Only a researcher's simulation can do this: the synthetic sites' files are on th
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -59,6 +60,13 @@ def pooled(scores: Sequence[SiteScore], columns: Sequence[str] = COLUMNS) -> dic
         for name in columns
         if total and all(not math.isnan(s.metrics.get(name, math.nan)) for s in scores)
     }
+
+
+def pooled_test_scores(run_dir: Path) -> dict[str, float]:
+    """`pooled` over a simulated run's RUN_DIR/test-scores.json (NaN where a site has none)."""
+    scores = [SiteScore(**s) for s in json.loads((run_dir / "test-scores.json").read_text())]
+    means = pooled(scores)
+    return {name: means.get(name, math.nan) for name in COLUMNS}
 
 
 def table(scores: Sequence[SiteScore]) -> list[str]:

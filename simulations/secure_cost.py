@@ -22,6 +22,7 @@ import numpy as np
 
 from server.checkpoint import read_checkpoint
 from server.runlog import read_rounds, write_json
+from simulations.report import pooled_test_scores
 from simulations.run import run_simulation
 
 CONFIG = Path(__file__).parent / "configs" / "secure.toml"
@@ -33,8 +34,7 @@ def run_one(name: str, override: Path, out: Path) -> tuple[dict[str, object], Pa
     run_dir = run_simulation(override, None, out / name, with_baselines=False)
     seconds = time.monotonic() - started
     rounds = read_rounds(run_dir)
-    scores = json.loads((run_dir / "test-scores.json").read_text())
-    total = sum(s["records"] for s in scores)
+    scores = pooled_test_scores(run_dir)
     row = {
         "mode": name,
         "round-seconds": [r["round-seconds"] for r in rounds],
@@ -42,8 +42,8 @@ def run_one(name: str, override: Path, out: Path) -> tuple[dict[str, object], Pa
         "bytes-up-per-round": [r["bytes-up"] for r in rounds],
         "bytes-down-per-round": [r["bytes-down"] for r in rounds],
         "sites-ok": [r["sites-ok"] for r in rounds],
-        "test-f1": sum(s["metrics"]["f1"] * s["records"] for s in scores) / total,
-        "test-auroc": sum(s["metrics"]["auroc"] * s["records"] for s in scores) / total,
+        "test-f1": scores["f1"],
+        "test-auroc": scores["auroc"],
         "run-seconds": round(seconds, 1),
         "run-dir": str(run_dir),
     }
