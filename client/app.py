@@ -41,9 +41,12 @@ from client.ledger import LEDGER_KEY, record_reply
 from client.secure import masking_mod
 from client.task import Result, Task, failure_reason, site_rank
 from client.worker import WorkerError, WorkerUnavailable, ask
+from common.compression import decode_global, encode_update
 from common.config import (
     DP_WEIGHT,
     FROZEN_SHA256,
+    CompressionSettings,
+    load_config,
 )
 from common.payload import content_bytes
 from common.signing import adapter_digest, check_seal, load_verify_key
@@ -52,6 +55,8 @@ log = logging.getLogger(__name__)
 app = ClientApp()
 _FIT_METRICS = "fitres.metrics"
 """Where the legacy FitRes layout (secure aggregation) keeps the metrics."""
+RESIDUAL = "compression-residual"
+"""Where the site's context keeps what compression left out of its last update."""
 Handler = Callable[[Message, Context], Message]
 
 
@@ -126,12 +131,15 @@ def _clip_when_asked(msg: Message, context: Context, call_next: Handler) -> Mess
 @app.train(mods=[_record_sent, _mask_when_asked, _clip_when_asked])
 @_guarded
 def train(msg: Message, context: Context) -> Message:
-    """Train the received global adapter on this site's data; reply with the new adapter."""
+    """Train the received global adapter on this site's data; reply with the new adapter
+    (or, under compression.up, its compressed delta)."""
     config = _config_record(msg)
+    compression = _compression(context)
+    received = decode_global(_checked(msg, context), compression.down)
     task = Task(
         "train",
         dict(context.run_config),
-        _checked(msg, context),
+        received,
         server_round=int(config.get("server-round", 1)),
         proximal_mu=float(config.get("proximal-mu", 0.0)),
         frozen_sha256=str(config.get(FROZEN_SHA256, "")),
@@ -140,6 +148,11 @@ def train(msg: Message, context: Context) -> Message:
     result = _carry_out(task, context)
     # In the order received: the clipping mod pairs the two adapters key by key.
     arrays = {k: np.ascontiguousarray(result.arrays[k]) for k in task.arrays}
+    if compression.up != "none":
+        arrays, left = encode_update(
+            arrays, received, _residual(context), compression.up, compression.topk_fraction
+        )
+        context.state[RESIDUAL] = ArrayRecord(array_dict={k: Array(a) for k, a in left.items()})
     record = ArrayRecord(array_dict={k: Array(a) for k, a in arrays.items()})
     metrics = {**result.metrics, "bytes-up": record.count_bytes()}
     if KEY_CLIPPING_NORM in config:
@@ -156,7 +169,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     task = Task(
         "evaluate",
         dict(context.run_config),
-        _checked(msg, context),
+        decode_global(_checked(msg, context), _compression(context).down),
         split=str(config.get("split", "val")),
         frozen_sha256=str(config.get(FROZEN_SHA256, "")),
         lora_rank=site_rank(dict(context.node_config), dict(context.run_config)),
@@ -174,10 +187,19 @@ def _carry_out(task: Task, context: Context) -> Result:
         except WorkerUnavailable:
             log.warning("no worker on %s; training in the ClientApp process instead", worker)
     from client.rounds import perform, site_data_path
-    from common.config import load_config
 
     cfg = load_config(task.run_config)
     return perform(task, site_data_path(context.node_config, cfg))
+
+
+def _compression(context: Context) -> CompressionSettings:
+    return load_config(context.run_config).compression
+
+
+def _residual(context: Context) -> dict[str, np.ndarray]:
+    """What compression left out of this site's last update (error feedback); {} at first."""
+    record = context.state.get(RESIDUAL)
+    return {k: record[k].numpy() for k in record} if isinstance(record, ArrayRecord) else {}
 
 
 def _arrays(msg: Message) -> dict[str, np.ndarray]:

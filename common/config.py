@@ -353,6 +353,28 @@ class SecureAggregationSettings(_Section):
     naming this key. Larger values cost quantisation precision (docs: PRIVACY.md)."""
 
 
+class CompressionSettings(_Section):
+    """How the adapter is compressed on the wire, beyond federation.wire-dtype (docs:
+    BENCHMARKS.md has the bytes and F1 of each format). int8: 8-bit values with one fp16 scale
+    per 64; up, the site sends its delta and keeps what rounding or top-k left out (error
+    feedback), so it reaches the coordinator in a later round."""
+
+    down: Literal["none", "int8"] = "none"
+    """The global adapter to the sites: none (in federation.wire-dtype) or int8. The
+    coordinator keeps the full-precision adapter, so rounding does not build up."""
+
+    up: Literal["none", "int8", "topk"] = "none"
+    """Each site's update: none (its adapter in federation.wire-dtype), int8 (its delta), or
+    topk (the largest compression.topk-fraction of its delta, int8, with a bit mask)."""
+
+    topk_fraction: float = Field(0.1, gt=0, le=1)
+    """compression.up topk: share of each tensor's delta entries sent each round."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.down != "none" or self.up != "none"
+
+
 class FedtuneConfig(_Section):
     """All settings of a run, one section per concern."""
 
@@ -363,7 +385,18 @@ class FedtuneConfig(_Section):
     federation: FederationSettings = FederationSettings()
     privacy: PrivacySettings = PrivacySettings()
     secure_aggregation: SecureAggregationSettings = SecureAggregationSettings()
+    compression: CompressionSettings = CompressionSettings()
     simulation: SimulationSettings = SimulationSettings()
+
+    @model_validator(mode="after")
+    def _compression_fits_the_federation(self) -> FedtuneConfig:
+        if self.compression.enabled and (self.secure_aggregation.enabled or self.privacy.enabled):
+            raise ValueError(
+                "compression.down and compression.up must be none with secure-aggregation or "
+                "privacy.noise-multiplier: both clip or mask the adapter as the site received "
+                "it, in full precision; federation.wire-dtype fp16 still halves the bytes"
+            )
+        return self
 
     @model_validator(mode="after")
     def _privacy_fits_the_federation(self) -> FedtuneConfig:

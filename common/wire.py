@@ -13,7 +13,11 @@ from common.adapter import AdapterState, WireDtype, from_wire, to_wire
 
 def to_record(state: Mapping[str, torch.Tensor], dtype: WireDtype = "fp32") -> ArrayRecord:
     """The adapter as an ArrayRecord, keyed by PEFT names, in fp32 or fp16."""
-    arrays = to_wire(state, dtype)
+    return numpy_record(to_wire(state, dtype))
+
+
+def numpy_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """NumPy arrays as an ArrayRecord, in their order."""
     return ArrayRecord(array_dict={k: Array(np.ascontiguousarray(a)) for k, a in arrays.items()})
 
 

@@ -127,6 +127,7 @@ def main(grid: Grid, context: Context) -> None:
         wire_dtype=fed.wire_dtype,
         secure=cfg.secure_aggregation if cfg.secure_aggregation.enabled else None,
         exact_lora=cfg.lora if cfg.lora.aggregation == "exact" else None,
+        compression=cfg.compression,
     )
     try:
         final = run_rounds(

@@ -22,11 +22,14 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import FedAvg
 
 from common.adapter import WIRE_NUMPY, WireDtype
-from common.config import LoraSettings, SecureAggregationSettings
+from common.compression import encode_global
+from common.config import CompressionSettings, LoraSettings, SecureAggregationSettings
+from common.wire import numpy_record
+from server.audit import record_arrays
 from server.checks import UpdateRules, screen
 from server.lora_mean import exact_lora_mean
 from server.privacy import privacy_spent
-from server.replies import dropped, in_node_order, payload_bytes
+from server.replies import decoded, dropped, in_node_order, payload_bytes
 from server.secure import secure_train
 from server.strategy import RoundFailed
 
@@ -65,6 +68,8 @@ class RoundPlan:
     exact_lora: LoraSettings | None = None
     """The global LoRA shape when the sites' products are averaged (server/lora_mean.py);
     None: the strategy's mean of each factor."""
+    compression: CompressionSettings = field(default_factory=CompressionSettings)
+    """How the adapter travels each way beyond `wire_dtype` (common/compression.py)."""
 
     def evaluates(self, server_round: int) -> bool:
         """Whether the sites evaluate the global adapter after this round."""
@@ -144,9 +149,11 @@ def run_rounds(
         wait_for_sites(grid, plan.min_sites, plan.connect_timeout)
         random.seed(f"{plan.seed}-{server_round}")  # Flower samples sites with `random`
         outcome = RoundOutcome(round=server_round, arrays=arrays, train={})
-        config = ConfigRecord(sealed(server_round, arrays))
+        sent = on_the_wire(arrays, plan.compression)
+        config = ConfigRecord(sealed(server_round, sent))
         try:
             messages = list(strategy.configure_train(server_round, arrays, config, grid))
+            carrying(messages, sent)
         except PrivacyBudgetExhausted as e:
             log.warning("round %d would exceed privacy.max-epsilon: stopping (%s)", server_round, e)
             return Finished(arrays, server_round - 1, "privacy budget (privacy.max-epsilon)")
@@ -183,8 +190,9 @@ def run_rounds(
             int(site["train"].get("num-examples", 0)) for site in outcome.sites.values()
         )
         if plan.evaluates(server_round):
-            config = ConfigRecord({"split": "val", **sealed(server_round, arrays)})
-            outcome.evaluate = _evaluate(grid, strategy, config, arrays, plan, outcome)
+            sent = on_the_wire(arrays, plan.compression)
+            config = ConfigRecord({"split": "val", **sealed(server_round, sent)})
+            outcome.evaluate = _evaluate(grid, strategy, config, arrays, sent, plan, outcome)
         if central is not None:
             outcome.central = central(server_round, arrays)
         outcome.seconds = time.monotonic() - started
@@ -207,7 +215,24 @@ def _exchange(
     outcome.dropped = dropped(messages, replies)
     arrived = [r for r in replies if not r.has_error()]
     outcome.bytes_up = sum(payload_bytes(r) for r in arrived)
+    if plan.compression.up != "none":
+        base = record_arrays(arrays)
+        arrived = [decoded(reply, base, plan.compression.up) for reply in arrived]
     return arrived
+
+
+def on_the_wire(arrays: ArrayRecord, compression: CompressionSettings) -> ArrayRecord:
+    """The global adapter as the sites receive it (and as it is signed)."""
+    if compression.down == "none":
+        return arrays
+    return numpy_record(encode_global(record_arrays(arrays), compression.down))
+
+
+def carrying(messages: list[Message], sent: ArrayRecord) -> None:
+    """Put the adapter as it travels into tasks the strategy built around the full-precision
+    one (which the server optimisers keep as their reference)."""
+    for message in messages:
+        message.content["arrays"] = sent
 
 
 def _evaluate(
@@ -215,11 +240,13 @@ def _evaluate(
     strategy: FedAvg,
     config: ConfigRecord,
     arrays: ArrayRecord,
+    sent: ArrayRecord,
     plan: RoundPlan,
     outcome: RoundOutcome,
 ) -> Metrics:
     server_round = outcome.round
     messages = list(strategy.configure_evaluate(server_round, arrays, config, grid))
+    carrying(messages, sent)
     outcome.bytes_down += sum(payload_bytes(m) for m in messages)
     replies = in_node_order(grid.send_and_receive(messages, timeout=plan.round_timeout))
     for reply in replies:

@@ -4,12 +4,15 @@ quote a site's records."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
-from flwr.app import Message
+import numpy as np
+from flwr.app import ArrayRecord, Message
 from flwr.common.constant import ErrorCode
 
+from common.compression import Up, decode_update
 from common.payload import content_bytes
+from common.wire import numpy_record
 
 _ERROR_REASONS = {ErrorCode.NODE_UNAVAILABLE: "site-offline"}
 
@@ -47,3 +50,19 @@ def payload_bytes(message: Message) -> int:
     """Bytes of a message's records (arrays, metrics, config), as Flower counts them; 0 for
     an error reply."""
     return content_bytes(message.content) if message.has_content() else 0
+
+
+def decoded(reply: Message, base: Mapping[str, np.ndarray], up: Up) -> Message:
+    """The reply with its compressed update turned back into an adapter (`base`, the global
+    adapter the coordinator holds, plus the site's delta), in place. Arrays that do not
+    decode are removed, so that the update checks drop the reply as malformed."""
+    record = reply.content.get("arrays")
+    if not isinstance(record, ArrayRecord):
+        return reply
+    try:
+        adapter = decode_update({key: record[key].numpy() for key in record}, base, up)
+    except Exception:  # bytes that do not decode, or not to this adapter
+        del reply.content["arrays"]
+        return reply
+    reply.content["arrays"] = numpy_record(adapter)
+    return reply
