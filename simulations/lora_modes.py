@@ -15,13 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
-from common.config import load_config
-from server.runlog import read_rounds, read_run, write_json
-from simulations.report import pooled, score_sites
-from simulations.run import run_simulation
+from server.runlog import read_rounds, write_json
+from simulations.variants import f1_per_round, run_variant
 
 CONFIG = Path(__file__).parent / "configs" / "lora_modes.toml"
 FEDERATIONS: dict[str, tuple[dict[str, object], list[str]]] = {
@@ -34,24 +31,9 @@ def run_one(federation: str, mode: str, seed: int, out: Path) -> dict[str, objec
     """One run; its test F1 after every round, bytes per round and truncation loss."""
     extra, _ = FEDERATIONS[federation]
     keys = {**extra, "lora.aggregation": mode, "train.seed": seed, "lora.init-seed": seed}
-    name = f"{federation}-{mode}-seed{seed}"
-    override = out / f"{name}.toml"
-    override.parent.mkdir(parents=True, exist_ok=True)
-    lines = [line for line in CONFIG.read_text().splitlines() if line and line[0] != "#"]
-    lines = [line for line in lines if line.split(" = ")[0] not in keys]
-    override.write_text("\n".join([*lines, *(f"{k} = {json.dumps(v)}" for k, v in keys.items())]))
-    started = time.monotonic()
-    run_dir = run_simulation(override, None, out / name, with_baselines=False)
-    seconds = time.monotonic() - started
-    cfg = load_config(read_run(run_dir)["config"])
-    data_dir = Path(cfg.simulation.data_dir)
+    run_dir, seconds = run_variant(CONFIG, keys, out, f"{federation}-{mode}-seed{seed}")
     rounds = read_rounds(run_dir)
-    f1 = [
-        pooled(score_sites(run_dir / "checkpoints" / f"round-{r['round']:04d}", cfg, data_dir))[
-            "f1"
-        ]
-        for r in rounds
-    ]
+    f1 = f1_per_round(run_dir)
     row = {
         "federation": federation,
         "mode": mode,
