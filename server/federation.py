@@ -100,6 +100,9 @@ class RoundOutcome:
     bytes_up: int = 0
     bytes_down: int = 0
     seconds: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)
+    """Seconds per part of the round: waiting for sites, the training exchange (send to last
+    reply), aggregation (checks included), federated and central evaluation."""
 
     def row(self) -> dict[str, object]:
         """The round as one metrics.jsonl line."""
@@ -111,6 +114,7 @@ class RoundOutcome:
             "dropped": self.dropped,
             "bytes-up": self.bytes_up,
             "bytes-down": self.bytes_down,
+            "phase-seconds": {k: round(v, 3) for k, v in self.phases.items()},
             "train": self.train,
             "evaluate": self.evaluate,
             "central": self.central,
@@ -147,6 +151,7 @@ def run_rounds(
     for server_round in range(plan.first_round, plan.last_round + 1):
         started = time.monotonic()
         wait_for_sites(grid, plan.min_sites, plan.connect_timeout)
+        lap = _Laps(started)
         random.seed(f"{plan.seed}-{server_round}")  # Flower samples sites with `random`
         outcome = RoundOutcome(round=server_round, arrays=arrays, train={})
         sent = on_the_wire(arrays, plan.compression)
@@ -158,7 +163,9 @@ def run_rounds(
             log.warning("round %d would exceed privacy.max-epsilon: stopping (%s)", server_round, e)
             return Finished(arrays, server_round - 1, "privacy budget (privacy.max-epsilon)")
         outcome.asked = len(messages)
+        lap(outcome, "wait")
         arrived = _exchange(grid, messages, arrays, plan, outcome)
+        lap(outcome, "train-exchange")
         screened = screen(arrived, arrays, plan.rules)
         outcome.dropped += screened.dropped
         if len(screened.passed) < plan.min_sites:
@@ -189,15 +196,30 @@ def run_rounds(
         outcome.train["num-examples"] = sum(
             int(site["train"].get("num-examples", 0)) for site in outcome.sites.values()
         )
+        lap(outcome, "aggregate")
         if plan.evaluates(server_round):
             sent = on_the_wire(arrays, plan.compression)
             config = ConfigRecord({"split": "val", **sealed(server_round, sent)})
             outcome.evaluate = _evaluate(grid, strategy, config, arrays, sent, plan, outcome)
+            lap(outcome, "evaluate")
         if central is not None:
             outcome.central = central(server_round, arrays)
+            lap(outcome, "central-evaluate")
         outcome.seconds = time.monotonic() - started
         on_round(outcome)
     return Finished(arrays, plan.last_round)
+
+
+class _Laps:
+    """Records the seconds since the last lap under a phase name."""
+
+    def __init__(self, started: float) -> None:
+        self.last = started
+
+    def __call__(self, outcome: RoundOutcome, phase: str) -> None:
+        now = time.monotonic()
+        outcome.phases[phase] = now - self.last
+        self.last = now
 
 
 def _exchange(
