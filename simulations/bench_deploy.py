@@ -9,7 +9,8 @@ per-message ClientApp process costs with and without the site's warm worker.
    (what every message pays when the ClientApp does the work itself).
 2. Rounds of the default settings (MiniLM, 3 synthetic sites, one torch thread per site):
    on Flower's simulation engine (`fedtune-sim run`), then deployed on 127.0.0.1 with TLS and
-   site authentication (`fedtune-server`, `fedtune-site`) with the warm worker and without.
+   site authentication (`fedtune-server`, `fedtune-site`) with the warm worker and without;
+   for each, the round overhead (simulations/overhead.py).
 """
 
 from __future__ import annotations
@@ -109,13 +110,20 @@ def _deployment(root: Path, data: Path, config: Path, site_args: tuple[str, ...]
 
 
 def _rounds(run_dir: Path, total: float) -> dict[str, Any]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    from server.runlog import read_rounds
+    from simulations.overhead import round_overhead
+
+    rows = read_rounds(run_dir)
     per_round = [r["round-seconds"] for r in rows]
+    overhead = round_overhead(rows)
     return {
         "round-seconds": per_round,
         "mean-round-seconds": round(sum(per_round) / len(per_round), 1),
         "submit-to-end-seconds": round(total, 1),
         "final-val-f1": rows[-1]["evaluate"].get("f1"),
+        "overhead-share": overhead["overhead-share"],
+        "overhead-share-after-round-1": overhead["overhead-share-after-round-1"],
+        "overhead-per-round": overhead["rounds"],
     }
 
 
