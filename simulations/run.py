@@ -46,10 +46,12 @@ def run_simulation(
     out: Path,
     resume: Path | None = None,
     with_baselines: bool = True,
+    scored: bool = True,
 ) -> Path:
     """Run (or resume) the federation, score its adapter at every site and, unless told not
     to, train the local-only and centralised baselines it is compared with (reused when
-    OUT already holds them for the same settings and data); returns the run directory."""
+    OUT already holds them for the same settings and data); returns the run directory.
+    Without `scored`, only the run (for benchmarks of the run itself)."""
     defaults = app_defaults()
     if resume is not None:
         keys = resume_keys(resume)
@@ -90,6 +92,8 @@ def run_simulation(
         why = record.get("error") or f"flwr run exited with code {submitted.code}"
         raise SimulationError(f"the run failed: {why}; full log: {out / 'flwr-run.log'}")
     assert run_dir is not None
+    if not scored:
+        return run_dir
     final = load_config({**defaults, **keys})
     scores = score_sites(run_dir / "adapter", final, data_dir)
     write_json(run_dir / "test-scores.json", [asdict(score) for score in scores])
