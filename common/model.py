@@ -24,6 +24,7 @@ from transformers import (
 )
 
 from common.adapter import get_adapter_state, set_adapter_state
+from common.cls_only import last_layer_on_cls
 from common.config import FedtuneConfig, LoraSettings, ModelSettings
 from common.lora_math import is_lora_a
 
@@ -187,6 +188,7 @@ def _build(path: Path, settings: ModelSettings, lora: LoraSettings, device: torc
     for param in model.parameters():
         if param.requires_grad:
             param.data = param.data.float()
+    last_layer_on_cls(base)
     if lora.aggregation == "ffa":
         freeze_lora_a(model)
     if settings.gradient_checkpointing:
