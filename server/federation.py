@@ -3,8 +3,13 @@
 Flower's `Strategy.start` always begins at round 1 and offers no hook that can resume, so
 this loop drives the strategy's own `configure_*` and `aggregate_*` methods itself. Each
 round: wait (with a limit) for enough sites, sample them (seeded per round), send the
-global adapter, aggregate the replies in node order, evaluate on the sites every N rounds,
-and hand a `RoundOutcome` to the caller, which checkpoints it.
+global adapter, aggregate the replies, evaluate on the sites every N rounds, and hand a
+`RoundOutcome` to the caller, which checkpoints it.
+
+Mean strategies (server/strategy.MEAN_STRATEGIES) without DP or secure aggregation take
+each reply as it arrives, check it and fold it into a running mean (server/intake.py):
+O(one adapter) of replies in memory. The others hold every reply of the round and screen
+them together (`_held_round`).
 """
 
 from __future__ import annotations
@@ -24,11 +29,12 @@ from flwr.serverapp.strategy import FedAvg
 from common.adapter import WIRE_NUMPY, WireDtype
 from common.config import LoraSettings, SecureAggregationSettings
 from server.checks import UpdateRules, screen
+from server.intake import take_train
 from server.lora_mean import exact_lora_mean
 from server.privacy import privacy_spent
 from server.replies import dropped, in_node_order, payload_bytes
 from server.secure import secure_train
-from server.strategy import RoundFailed
+from server.strategy import MEAN_STRATEGIES, RoundFailed
 
 log = logging.getLogger(__name__)
 
@@ -151,33 +157,17 @@ def run_rounds(
             log.warning("round %d would exceed privacy.max-epsilon: stopping (%s)", server_round, e)
             return Finished(arrays, server_round - 1, "privacy budget (privacy.max-epsilon)")
         outcome.asked = len(messages)
-        arrived = _exchange(grid, messages, arrays, plan, outcome)
-        screened = screen(arrived, arrays, plan.rules)
-        outcome.dropped += screened.dropped
-        if len(screened.passed) < plan.min_sites:
-            raise RoundFailed(_too_few(server_round, screened.passed, outcome, plan.min_sites))
-        new_arrays, metrics = strategy.aggregate_train(server_round, screened.passed)
-        if new_arrays is None:  # Flower's DP wrapper refuses a round with a missing site
-            raise RoundFailed(
-                f"round {server_round}: the strategy produced no adapter from "
-                f"{len(screened.passed)} updates of {outcome.asked} sites asked; under "
-                "privacy.noise-multiplier every sampled site must send a usable update"
-            )
-        lost = None
-        if plan.exact_lora is not None:
-            lora, weight_key = plan.exact_lora, strategy.weighted_by_key
-            new_arrays, lost = exact_lora_mean(
-                new_arrays, screened.passed, weight_key, lora.rank, lora.alpha
-            )
-        arrays = outcome.arrays = in_wire_dtype(new_arrays, plan.wire_dtype)
-        outcome.train = _numbers(metrics)
-        if lost is not None:
-            outcome.train["lora-energy-lost"] = lost
-        for reply in screened.passed:
+        train = _streamed_round if streams(strategy, plan) else _held_round
+        trained = train(grid, strategy, messages, arrays, plan, outcome)
+        arrays = outcome.arrays = in_wire_dtype(trained.arrays, plan.wire_dtype)
+        outcome.train = dict(trained.metrics)
+        if trained.lost is not None:
+            outcome.train["lora-energy-lost"] = trained.lost
+        for reply in trained.passed:
             site = _site(outcome, reply)
             site["train"] = _numbers(reply.content.get("metrics"))
             if plan.secure is None:  # under it each reply holds the aggregate, not an update
-                site["train"]["update-norm"] = screened.norms[reply.metadata.src_node_id]
+                site["train"]["update-norm"] = trained.norms[reply.metadata.src_node_id]
         outcome.privacy = privacy_spent(strategy)
         outcome.train["num-examples"] = sum(
             int(site["train"].get("num-examples", 0)) for site in outcome.sites.values()
@@ -190,6 +180,93 @@ def run_rounds(
         outcome.seconds = time.monotonic() - started
         on_round(outcome)
     return Finished(arrays, plan.last_round)
+
+
+@dataclass(frozen=True)
+class Trained:
+    """A round's training, however its replies were aggregated."""
+
+    arrays: ArrayRecord
+    """The new global adapter, before the cast to the wire dtype."""
+    passed: list[Message]
+    """The replies aggregated, in node order (with their metrics only when streamed)."""
+    norms: dict[int, float]
+    """Update norm per node aggregated."""
+    metrics: Metrics
+    lost: float | None = None
+    """Exact LoRA aggregation: the share of the mean products' energy the rank dropped."""
+
+
+def streams(strategy: FedAvg, plan: RoundPlan) -> bool:
+    """Whether the round streams its replies into a running mean (server/intake.py): for a
+    strategy whose aggregate is their weighted mean, without DP (Flower's wrapper is not one
+    of them) and secure aggregation, which need the replies as they are."""
+    return type(strategy) in MEAN_STRATEGIES and plan.secure is None
+
+
+def _streamed_round(
+    grid: Grid,
+    strategy: FedAvg,
+    messages: list[Message],
+    arrays: ArrayRecord,
+    plan: RoundPlan,
+    outcome: RoundOutcome,
+) -> Trained:
+    """Fold each reply as it arrives, then hand the strategy one stand-in reply holding the
+    mean (weight: the total examples), so its own step (FedAvgM, FedAdam...) runs on it."""
+    received = take_train(
+        grid,
+        messages,
+        arrays,
+        plan.rules,
+        plan.round_timeout,
+        plan.exact_lora,
+        strategy.weighted_by_key,
+    )
+    outcome.dropped = received.dropped
+    outcome.bytes_down, outcome.bytes_up = received.bytes_down, received.bytes_up
+    if len(received.passed) < plan.min_sites:
+        raise RoundFailed(_too_few(outcome.round, received.passed, outcome, plan.min_sites))
+    stand_in, mean = received.stand_in()
+    new_arrays, _ = strategy.aggregate_train(outcome.round, [stand_in])
+    if new_arrays is None:
+        raise RoundFailed(f"round {outcome.round}: the strategy produced no adapter")
+    metrics = example_weighted(received.passed)
+    return Trained(new_arrays, received.passed, received.norms, metrics, mean.energy_lost)
+
+
+def _held_round(
+    grid: Grid,
+    strategy: FedAvg,
+    messages: list[Message],
+    arrays: ArrayRecord,
+    plan: RoundPlan,
+    outcome: RoundOutcome,
+) -> Trained:
+    """Collect every reply, screen them together, and let the strategy aggregate them: the
+    path of robust strategies (a median, trimmed coordinates and Krum's distances need
+    every update), DP (Flower's wrapper clips and counts the individual replies) and secure
+    aggregation (masked shares). The coordinator holds O(sites) replies."""
+    server_round = outcome.round
+    arrived = _exchange(grid, messages, arrays, plan, outcome)
+    screened = screen(arrived, arrays, plan.rules)
+    outcome.dropped += screened.dropped
+    if len(screened.passed) < plan.min_sites:
+        raise RoundFailed(_too_few(server_round, screened.passed, outcome, plan.min_sites))
+    new_arrays, metrics = strategy.aggregate_train(server_round, screened.passed)
+    if new_arrays is None:  # Flower's DP wrapper refuses a round with a missing site
+        raise RoundFailed(
+            f"round {server_round}: the strategy produced no adapter from "
+            f"{len(screened.passed)} updates of {outcome.asked} sites asked; under "
+            "privacy.noise-multiplier every sampled site must send a usable update"
+        )
+    lost = None
+    if plan.exact_lora is not None:
+        lora, weight_key = plan.exact_lora, strategy.weighted_by_key
+        new_arrays, lost = exact_lora_mean(
+            new_arrays, screened.passed, weight_key, lora.rank, lora.alpha
+        )
+    return Trained(new_arrays, screened.passed, screened.norms, _numbers(metrics), lost)
 
 
 def _exchange(
