@@ -2,7 +2,10 @@
 N sites' GPT-2-size LoRA adapters (rank 16 on c_attn in 12 layers: 589,824 values, 2.4 MB
 in fp32), for each lora.aggregation mode, at N = 10, 100 and 1,000 sites.
 
-    python -m simulations.bench_aggregate --out bench-results/aggregate.json
+    OPENBLAS_NUM_THREADS=1 python -m simulations.bench_aggregate --out bench-results/aggregate.json
+
+One BLAS thread: on a machine whose cores are busy with other work (as when these figures
+were taken), OpenBLAS's threads wait on each other and a full SVD took 10x longer.
 
 The replies are made up (random factors). "streamed" is how the round loop aggregates a
 mean strategy: a generator builds one reply at a time and the running mean
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import tracemalloc
@@ -164,6 +168,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "command": "python -m simulations.bench_aggregate " + " ".join(sys.argv[1:]),
+        "blas-threads": os.environ.get("OPENBLAS_NUM_THREADS", "default"),
         "adapter-values": LAYERS * RANK * (D_IN + D_OUT),
         "refactor": factorisation,
         "rows": rows,
