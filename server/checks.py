@@ -5,13 +5,22 @@ Flower's aggregation checks only that reply keys match: it averages NaN and Inf,
 scaled update or one inflated `num-examples` take over the model, and a single reply with a
 missing key ends the run. Here a failing update is dropped with a reason code (never the
 site's words) and the round goes on with the others.
+
+`check` judges one reply on its own. The median-ratio rule judges a norm against the
+others': `screen` (the hold-all path) uses the median of all the round's norms;
+`NormRatio` (the streaming path, where the norms arrive one at a time) holds the first
+MIN_UPDATES_FOR_RATIO updates and judges them against their median, then each later update
+against the median of every norm seen so far in the round, its own included.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
@@ -32,6 +41,8 @@ NORM_ABOVE_BOUND = "update-norm-above-bound"
 NORM_ABOVE_MEDIAN = "update-norm-above-median-ratio"
 BAD_EXAMPLES = "num-examples-invalid"
 MIN_UPDATES_FOR_RATIO = 3
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -65,39 +76,90 @@ class Screened:
 
 
 def screen(replies: list[Message], global_arrays: ArrayRecord, rules: UpdateRules) -> Screened:
-    """Check each successful reply against the global adapter and `rules`."""
-    reference = {key: global_arrays[key].numpy() for key in global_arrays}
+    """Check each successful reply against the global adapter and `rules`, all at once."""
+    reference = reference_of(global_arrays)
     passed: list[tuple[Message, float]] = []
     dropped: list[dict[str, object]] = []
     for reply in replies:
         node = reply.metadata.src_node_id
-        reason, norm = _check(reply, reference, rules)
+        reason, norm = check(reply, reference, rules)
         if reason is None:
             passed.append((reply, norm))
         else:
             dropped.append({"node": node, "reason": reason})
-    if rules.max_norm_ratio > 0 and len(passed) >= MIN_UPDATES_FOR_RATIO:
-        median = float(np.median([norm for _, norm in passed]))
-        limit = rules.max_norm_ratio * median
-        if median > 0:
-            keep = [(r, n) for r, n in passed if n <= limit]
-            dropped += [
-                {"node": r.metadata.src_node_id, "reason": NORM_ABOVE_MEDIAN}
-                for r, n in passed
-                if n > limit
-            ]
-            passed = keep
+    limit = norm_limit([norm for _, norm in passed], rules.max_norm_ratio)
+    dropped += [
+        {"node": r.metadata.src_node_id, "reason": NORM_ABOVE_MEDIAN}
+        for r, n in passed
+        if n > limit
+    ]
+    passed = [(r, n) for r, n in passed if n <= limit]
     for entry in dropped:
         log.warning("update from node %s dropped: %s", entry["node"], entry["reason"])
-    if rules.clip_norm > 0:
-        for reply, norm in passed:
-            if norm > rules.clip_norm:
-                clip(reply, reference, rules.clip_norm / norm)
+    for reply, norm in passed:
+        clip_to(reply, reference, norm, rules)
     return Screened(
         [r for r, _ in passed],
         dropped,
         {r.metadata.src_node_id: n for r, n in passed},
     )
+
+
+def reference_of(global_arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    """The global adapter as NumPy arrays, what every update is checked against."""
+    return {key: global_arrays[key].numpy() for key in global_arrays}
+
+
+def norm_limit(norms: Sequence[float], ratio: float) -> float:
+    """The largest norm the median-ratio rule keeps, judged against `norms` (inf: the rule
+    does not apply: off, fewer than MIN_UPDATES_FOR_RATIO norms, or a zero median)."""
+    if ratio <= 0 or len(norms) < MIN_UPDATES_FOR_RATIO:
+        return math.inf
+    median = float(np.median(norms))
+    return ratio * median if median > 0 else math.inf
+
+
+@dataclass
+class NormRatio(Generic[T]):
+    """The median-ratio rule for updates that arrive one at a time.
+
+    The first MIN_UPDATES_FOR_RATIO passing updates are held (the caller's items, so at
+    most two adapters) and judged together against their median, as `screen` would judge
+    them; each later update is judged on arrival against the median of every norm seen so
+    far this round, its own and those of updates the rule dropped included. A scaled update
+    is caught wherever it arrives; an honest one is judged against fewer norms than at the
+    end of the round, so the rule is a little noisier early in a round."""
+
+    ratio: float
+    norms: list[float] = field(default_factory=list)
+    """Every norm seen so far this round, sorted."""
+    held: list[tuple[T, float]] = field(default_factory=list)
+
+    def judge(self, item: T, norm: float) -> list[tuple[T, float, bool]]:
+        """Items judged now, with their norm and whether they are kept (may be none)."""
+        if self.ratio <= 0:
+            return [(item, norm, True)]
+        bisect.insort(self.norms, norm)
+        self.held.append((item, norm))
+        if len(self.norms) < MIN_UPDATES_FOR_RATIO:
+            return []
+        limit = norm_limit(self.norms, self.ratio)
+        judged, self.held = self.held, []
+        return [(i, n, n <= limit) for i, n in judged]
+
+    def release(self) -> list[tuple[T, float, bool]]:
+        """At the end of the round: what is still held (fewer norms than the rule needs)
+        is kept, as `screen` keeps every update of a round that small."""
+        held, self.held = self.held, []
+        return [(i, n, True) for i, n in held]
+
+
+def clip_to(
+    reply: Message, reference: dict[str, np.ndarray], norm: float, rules: UpdateRules
+) -> None:
+    """Scale a passing update with norm `norm` down to `rules.clip_norm`, in place (if on)."""
+    if rules.clip_norm > 0 and norm > rules.clip_norm:
+        clip(reply, reference, rules.clip_norm / norm)
 
 
 def clip(reply: Message, reference: dict[str, np.ndarray], scale: float) -> None:
@@ -112,10 +174,10 @@ def clip(reply: Message, reference: dict[str, np.ndarray], scale: float) -> None
     reply.content["arrays"] = ArrayRecord(array_dict=clipped)
 
 
-def _check(
+def check(
     reply: Message, reference: dict[str, np.ndarray], rules: UpdateRules
 ) -> tuple[str | None, float]:
-    """The reason to drop this reply (None: keep it) and its update norm."""
+    """The reason to drop this reply on its own (None: it passes) and its update norm."""
     records = dict(reply.content.items()) if reply.has_content() else {}
     arrays, metrics = records.get("arrays"), records.get("metrics")
     if not isinstance(arrays, ArrayRecord) or not isinstance(metrics, MetricRecord):

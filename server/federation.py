@@ -3,8 +3,10 @@
 Flower's `Strategy.start` always begins at round 1 and offers no hook that can resume, so
 this loop drives the strategy's own `configure_*` and `aggregate_*` methods itself. Each
 round: wait (with a limit) for enough sites, sample them (seeded per round), send the
-global adapter, aggregate the replies in node order, evaluate on the sites every N rounds,
-and hand a `RoundOutcome` to the caller, which checkpoints it.
+global adapter, aggregate the replies, evaluate on the sites every N rounds, and hand a
+`RoundOutcome` to the caller, which checkpoints it.
+
+How the train replies are taken in and aggregated (streamed or held) is server/exchange.py.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import FedAvg
@@ -26,16 +28,13 @@ from common.compression import encode_global
 from common.config import CompressionSettings, LoraSettings, SecureAggregationSettings
 from common.wire import numpy_record
 from server.audit import record_arrays
-from server.checks import UpdateRules, screen
-from server.lora_mean import exact_lora_mean
+from server.checks import UpdateRules
+from server.exchange import held_round, streamed_round, streams
 from server.privacy import privacy_spent
-from server.replies import decoded, dropped, in_node_order, payload_bytes
-from server.secure import secure_train
-from server.strategy import RoundFailed
+from server.replies import Metrics, example_weighted, in_node_order, numbers, payload_bytes
 
 log = logging.getLogger(__name__)
 
-Metrics = dict[str, int | float]
 CentralEvaluation = Callable[[int, ArrayRecord], Metrics]
 Seal = Callable[[int, ArrayRecord], dict[str, str | bytes]]
 """Config entries that let a site check an adapter came from the coordinator (signing)."""
@@ -101,8 +100,9 @@ class RoundOutcome:
     bytes_down: int = 0
     seconds: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)
-    """Seconds per part of the round: waiting for sites, the training exchange (send to last
-    reply), aggregation (checks included), federated and central evaluation."""
+    """Seconds per part of the round: waiting for sites, training (tasks out, replies in,
+    checked and aggregated: a streamed round folds each reply as it arrives), federated and
+    central evaluation."""
 
     def row(self) -> dict[str, object]:
         """The round as one metrics.jsonl line."""
@@ -164,39 +164,22 @@ def run_rounds(
             return Finished(arrays, server_round - 1, "privacy budget (privacy.max-epsilon)")
         outcome.asked = len(messages)
         lap(outcome, "wait")
-        arrived = _exchange(grid, messages, arrays, plan, outcome)
-        lap(outcome, "train-exchange")
-        screened = screen(arrived, arrays, plan.rules)
-        outcome.dropped += screened.dropped
-        if len(screened.passed) < plan.min_sites:
-            raise RoundFailed(_too_few(server_round, screened.passed, outcome, plan.min_sites))
-        new_arrays, metrics = strategy.aggregate_train(server_round, screened.passed)
-        if new_arrays is None:  # Flower's DP wrapper refuses a round with a missing site
-            raise RoundFailed(
-                f"round {server_round}: the strategy produced no adapter from "
-                f"{len(screened.passed)} updates of {outcome.asked} sites asked; under "
-                "privacy.noise-multiplier every sampled site must send a usable update"
-            )
-        lost = None
-        if plan.exact_lora is not None:
-            lora, weight_key = plan.exact_lora, strategy.weighted_by_key
-            new_arrays, lost = exact_lora_mean(
-                new_arrays, screened.passed, weight_key, lora.rank, lora.alpha
-            )
-        arrays = outcome.arrays = in_wire_dtype(new_arrays, plan.wire_dtype)
-        outcome.train = _numbers(metrics)
-        if lost is not None:
-            outcome.train["lora-energy-lost"] = lost
-        for reply in screened.passed:
+        train = streamed_round if streams(strategy, plan) else held_round
+        trained = train(grid, strategy, messages, arrays, plan, outcome)
+        lap(outcome, "train")
+        arrays = outcome.arrays = in_wire_dtype(trained.arrays, plan.wire_dtype)
+        outcome.train = dict(trained.metrics)
+        if trained.lost is not None:
+            outcome.train["lora-energy-lost"] = trained.lost
+        for reply in trained.passed:
             site = _site(outcome, reply)
-            site["train"] = _numbers(reply.content.get("metrics"))
+            site["train"] = numbers(reply.content.get("metrics"))
             if plan.secure is None:  # under it each reply holds the aggregate, not an update
-                site["train"]["update-norm"] = screened.norms[reply.metadata.src_node_id]
+                site["train"]["update-norm"] = trained.norms[reply.metadata.src_node_id]
         outcome.privacy = privacy_spent(strategy)
         outcome.train["num-examples"] = sum(
             int(site["train"].get("num-examples", 0)) for site in outcome.sites.values()
         )
-        lap(outcome, "aggregate")
         if plan.evaluates(server_round):
             sent = on_the_wire(arrays, plan.compression)
             config = ConfigRecord({"split": "val", **sealed(server_round, sent)})
@@ -220,27 +203,6 @@ class _Laps:
         now = time.monotonic()
         outcome.phases[phase] = now - self.last
         self.last = now
-
-
-def _exchange(
-    grid: Grid, messages: list[Message], arrays: ArrayRecord, plan: RoundPlan, outcome: RoundOutcome
-) -> list[Message]:
-    """Send the train tasks and collect the usable replies, noting drops and bytes. Under
-    secure aggregation the replies are stand-ins that each carry the unmasked aggregate."""
-    if plan.secure is not None:
-        exchange = secure_train(grid, messages, arrays, plan.secure, plan.round_timeout)
-        outcome.dropped = exchange.dropped
-        outcome.bytes_down, outcome.bytes_up = exchange.bytes_down, exchange.bytes_up
-        return in_node_order(exchange.replies)
-    outcome.bytes_down = sum(payload_bytes(m) for m in messages)
-    replies = in_node_order(grid.send_and_receive(messages, timeout=plan.round_timeout))
-    outcome.dropped = dropped(messages, replies)
-    arrived = [r for r in replies if not r.has_error()]
-    outcome.bytes_up = sum(payload_bytes(r) for r in arrived)
-    if plan.compression.up != "none":
-        base = record_arrays(arrays)
-        arrived = [decoded(reply, base, plan.compression.up) for reply in arrived]
-    return arrived
 
 
 def on_the_wire(arrays: ArrayRecord, compression: CompressionSettings) -> ArrayRecord:
@@ -273,30 +235,13 @@ def _evaluate(
     replies = in_node_order(grid.send_and_receive(messages, timeout=plan.round_timeout))
     for reply in replies:
         if not reply.has_error():
-            _site(outcome, reply)["evaluate"] = _numbers(reply.content.get("metrics"))
+            _site(outcome, reply)["evaluate"] = numbers(reply.content.get("metrics"))
     failed = len(messages) - sum(not r.has_error() for r in replies)
     if failed:
         log.warning(
             "round %d: %d of %d sites failed to evaluate", server_round, failed, len(messages)
         )
     return example_weighted([r for r in replies if not r.has_error()])
-
-
-def example_weighted(replies: list[Message]) -> Metrics:
-    """Each metric's mean over the sites, weighted by their num-examples (the sum for
-    num-examples itself). The coordinator's own arithmetic, whatever the strategy: robust
-    and DP strategies change how adapters are combined, not how a score is averaged."""
-    rows = [_numbers(r.content.get("metrics")) for r in replies]
-    rows = [row for row in rows if row.get("num-examples", 0) > 0]
-    total = sum(row["num-examples"] for row in rows)
-    if not total:
-        return {}
-    means: Metrics = {"num-examples": total}
-    for key in sorted({k for row in rows for k in row} - {"num-examples"}):
-        weighted = [(row[key], row["num-examples"]) for row in rows if key in row]
-        weight = sum(n for _, n in weighted)
-        means[key] = sum(value * n for value, n in weighted) / weight
-    return means
 
 
 def wait_for_sites(grid: Grid, needed: int, timeout: float, poll: float = 1.0) -> int:
@@ -315,18 +260,6 @@ def wait_for_sites(grid: Grid, needed: int, timeout: float, poll: float = 1.0) -
         time.sleep(poll)
 
 
-def _too_few(server_round: int, passed: list[Message], outcome: RoundOutcome, needed: int) -> str:
-    reasons: dict[str, int] = {}
-    for entry in outcome.dropped:
-        reasons[str(entry["reason"])] = reasons.get(str(entry["reason"]), 0) + 1
-    why = ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items())) or "none dropped"
-    return (
-        f"round {server_round}: {len(passed)} usable updates of {outcome.asked} sites asked "
-        f"({why}), fewer than federation.min-sites = {needed}; the run stops here rather "
-        "than continue with an unchanged model"
-    )
-
-
 def in_wire_dtype(arrays: ArrayRecord, dtype: WireDtype) -> ArrayRecord:
     """The aggregate in the wire dtype. Server optimisers compute in float64; keeping the
     global adapter in the dtype the sites receive makes a checkpoint hold exactly what was
@@ -339,9 +272,3 @@ def in_wire_dtype(arrays: ArrayRecord, dtype: WireDtype) -> ArrayRecord:
 
 def _site(outcome: RoundOutcome, reply: Message) -> dict[str, Metrics]:
     return outcome.sites.setdefault(str(reply.metadata.src_node_id), {})
-
-
-def _numbers(record: object) -> Metrics:
-    if not isinstance(record, MetricRecord):
-        return {}
-    return {k: v for k, v in record.items() if isinstance(v, int | float)}

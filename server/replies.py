@@ -7,13 +7,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
-from flwr.app import ArrayRecord, Message
+from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.common.constant import ErrorCode
 
 from common.compression import Up, decode_update
 from common.payload import content_bytes
 from common.wire import numpy_record
 
+Metrics = dict[str, int | float]
 _ERROR_REASONS = {ErrorCode.NODE_UNAVAILABLE: "site-offline"}
 
 
@@ -66,3 +67,27 @@ def decoded(reply: Message, base: Mapping[str, np.ndarray], up: Up) -> Message:
         return reply
     reply.content["arrays"] = numpy_record(adapter)
     return reply
+
+
+def example_weighted(replies: list[Message]) -> Metrics:
+    """Each metric's mean over the sites, weighted by their num-examples (the sum for
+    num-examples itself). The coordinator's own arithmetic, whatever the strategy: robust
+    and DP strategies change how adapters are combined, not how a score is averaged."""
+    rows = [numbers(r.content.get("metrics")) for r in replies]
+    rows = [row for row in rows if row.get("num-examples", 0) > 0]
+    total = sum(row["num-examples"] for row in rows)
+    if not total:
+        return {}
+    means: Metrics = {"num-examples": total}
+    for key in sorted({k for row in rows for k in row} - {"num-examples"}):
+        weighted = [(row[key], row["num-examples"]) for row in rows if key in row]
+        weight = sum(n for _, n in weighted)
+        means[key] = sum(value * n for value, n in weighted) / weight
+    return means
+
+
+def numbers(record: object) -> Metrics:
+    """A metrics record's numbers ({} for anything else)."""
+    if not isinstance(record, MetricRecord):
+        return {}
+    return {k: v for k, v in record.items() if isinstance(v, int | float)}

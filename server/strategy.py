@@ -37,6 +37,10 @@ STRATEGIES: dict[str, type[FedAvg]] = {
     "krum": Krum,
     "multikrum": MultiKrum,
 }
+MEAN_STRATEGIES: tuple[type[FedAvg], ...] = (FedAvg, FedProx, FedAvgM, FedAdam, FedYogi, FedAdagrad)
+"""Strategies whose aggregate is the example-weighted mean of the replies (the server
+optimisers then step from it): the round loop streams their replies into a running mean
+(server/intake.py). The robust ones need every update at once and hold them all."""
 # Sized for LoRA adapters: each moves the adapter about as far per round as FedAvg does
 # (measured by replaying one-epoch MiniLM deltas; see simulations/configs/fedadam.toml).
 DEFAULT_SERVER_LR = {"fedavgm": 1.0, "fedadam": 0.03, "fedyogi": 0.02, "fedadagrad": 0.015}

@@ -188,7 +188,9 @@ def test_robust_aggregation_holds_off_a_scaled_update_that_the_checks_let_throug
 def test_a_site_that_hangs_or_drops_out_costs_only_its_update_and_rejoins_later(
     tiny_bert_dir: Path, sites: dict[int, Path], tmp_path: Path
 ) -> None:
-    config = _config(tiny_bert_dir, tmp_path, **{"federation.rounds": 3, "federation.min-sites": 1})
+    # The round waits for the silent site until its timeout, as with a real Grid: keep it short.
+    extra = {"federation.rounds": 3, "federation.min-sites": 1, "federation.round-timeout": 1.0}
+    config = _config(tiny_bert_dir, tmp_path, **extra)
     crashing = {777: tmp_path / "gone.jsonl"}  # its data vanished: every task raises
     grid = HandlerGrid(config, {**sites, **crashing}, silent={ATTACKER: {1, 2}})
     _run(grid)

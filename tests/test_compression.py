@@ -178,14 +178,16 @@ def test_a_federation_runs_on_int8_down_and_top_k_up(
         assert any(residual[k].numpy().any() for k in residual)
 
 
+@pytest.mark.parametrize("strategy", ["fedavg", "fedmedian"])  # streamed and held rounds
 def test_an_int8_update_round_is_the_plain_round_within_a_rounding_step(
-    tiny_bert_dir: Path, sites: dict[int, Path], tmp_path: Path
+    tiny_bert_dir: Path, sites: dict[int, Path], tmp_path: Path, strategy: str
 ) -> None:
-    """Same sites, same start: round 1's mean differs from plain FedAvg's by at most the
-    mean of the sites' rounding, half a step each."""
+    """Same sites, same start: round 1's aggregate differs from the plain one's by at most
+    the sites' rounding, half a step each."""
     runs = {}
     for name, extra in [("plain", {}), ("int8", {"compression.up": "int8"})]:
-        config = _config(tiny_bert_dir, tmp_path / name, **{"federation.rounds": 1, **extra})
+        keys = {"federation.rounds": 1, "federation.strategy": strategy, **extra}
+        config = _config(tiny_bert_dir, tmp_path / name, **keys)
         _run(HandlerGrid(config, sites))
         runs[name] = read_checkpoint(tmp_path / name / "run-1" / "checkpoints" / "round-0001")
     plain, int8 = runs["plain"].adapter, runs["int8"].adapter

@@ -5,6 +5,7 @@ with a Grid that hands each message straight to the handler of the site it is ad
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -19,8 +20,7 @@ from client.app import app as client_app
 from common.adapter import load_adapter
 from server.app import main
 from server.checkpoint import latest_checkpoint, read_checkpoint
-from server.federation import example_weighted
-from server.replies import dropped
+from server.replies import dropped, example_weighted
 from server.strategy import RoundFailed
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -56,6 +56,8 @@ class HandlerGrid(Grid):
         self.record = record
         self.per_node = per_node or {}  # node -> node config of that site only
         self.received: list[Message] = []  # with `record`: every reply, as it arrived
+        self.pushed: dict[str, Message] = {}  # message id -> message not yet pulled
+        self.ids = itertools.count()
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.sites)
@@ -63,48 +65,67 @@ class HandlerGrid(Grid):
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        replies = []
-        for message in messages:
-            config = message.content.get("config") or {"server-round": message.metadata.group_id}
-            server_round = int(config.get("server-round", 0))
-            if server_round == self.crash_in_round and message.metadata.message_type == "train":
-                raise CoordinatorCrash
-            node = message.metadata.dst_node_id
-            if server_round in self.silent.get(node, set()):
-                continue  # what the Grid returns when a site does not answer within the timeout
-            context = self.contexts.setdefault(
-                node,
-                Context(
-                    run_id=1,
-                    node_id=node,
-                    node_config={
-                        "data-path": str(self.sites[node]),
-                        **self.node_config,
-                        **self.per_node.get(node, {}),
-                    },
-                    state=RecordDict(),
-                    run_config=self.run_config,  # type: ignore[arg-type]
-                ),
-            )
-            message = copy.deepcopy(message)  # as over the wire: the site's own copy
-            if node in self.in_transit:
-                message = self.in_transit[node](message)
-            try:
-                reply = client_app(message, context)  # routes by type, with the handler's mods
-                if node in self.tamper and message.metadata.message_type == "train":
-                    reply = Message(self.tamper[node](message, reply), reply_to=message)
-                replies.append(reply)
-            except Exception as e:  # as Flower does: the site's failure becomes an error reply
-                replies.append(Message(Error(code=2, reason=type(e).__name__), reply_to=message))
+        replies = [r for m in messages if (r := self._deliver(m)) is not None]
         if self.record:
             self.received += copy.deepcopy(replies)
         return replies
 
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        raise NotImplementedError
-
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        raise NotImplementedError
+        ids = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = f"m{next(self.ids)}"  # as Flower does
+            self._crash_if_due(message)
+            self.pushed[message.metadata.message_id] = message
+            ids.append(message.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """The replies to these messages, each computed when first pulled (a silent site's
+        never comes, as when it does not answer within the round's timeout)."""
+        wanted = [self.pushed.pop(i) for i in message_ids if i in self.pushed]
+        replies = [r for m in wanted if (r := self._deliver(m)) is not None]
+        if self.record:
+            self.received += copy.deepcopy(replies)
+        return replies
+
+    def _crash_if_due(self, message: Message) -> None:
+        config = message.content.get("config") or {"server-round": message.metadata.group_id}
+        server_round = int(config.get("server-round", 0))
+        if server_round == self.crash_in_round and message.metadata.message_type == "train":
+            raise CoordinatorCrash
+
+    def _deliver(self, message: Message) -> Message | None:
+        """The site's reply to `message` (None: the site stays silent this round)."""
+        self._crash_if_due(message)
+        config = message.content.get("config") or {"server-round": message.metadata.group_id}
+        server_round = int(config.get("server-round", 0))
+        node = message.metadata.dst_node_id
+        if server_round in self.silent.get(node, set()):
+            return None  # what the Grid returns when a site does not answer within the timeout
+        context = self.contexts.setdefault(
+            node,
+            Context(
+                run_id=1,
+                node_id=node,
+                node_config={
+                    "data-path": str(self.sites[node]),
+                    **self.node_config,
+                    **self.per_node.get(node, {}),
+                },
+                state=RecordDict(),
+                run_config=self.run_config,  # type: ignore[arg-type]
+            ),
+        )
+        message = copy.deepcopy(message)  # as over the wire: the site's own copy
+        if node in self.in_transit:
+            message = self.in_transit[node](message)
+        try:
+            reply = client_app(message, context)  # routes by type, with the handler's mods
+            if node in self.tamper and message.metadata.message_type == "train":
+                reply = Message(self.tamper[node](message, reply), reply_to=message)
+            return reply
+        except Exception as e:  # as Flower does: the site's failure becomes an error reply
+            return Message(Error(code=2, reason=type(e).__name__), reply_to=message)
 
     def create_message(self, *args: object, **kwargs: object) -> Message:
         raise NotImplementedError

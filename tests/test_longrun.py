@@ -34,16 +34,18 @@ class MeasuringGrid(HandlerGrid):
         self.payload: list[int] = []
         self.rss: list[int] = []
 
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)
         if messages and messages[0].metadata.message_type == "train":
             self.traced.append(tracemalloc.get_traced_memory()[0])
             self.rss.append(_rss())
-        replies = list(super().send_and_receive(messages, timeout=timeout))
-        if messages and messages[0].metadata.message_type == "train":
-            self.payload.append(sum(r.content["arrays"].count_bytes() for r in replies))
+            self.payload.append(0)
+        return super().push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        replies = list(super().pull_messages(message_ids))
+        trained = [r for r in replies if r.metadata.message_type == "train" and r.has_content()]
+        self.payload[-1] += sum(r.content["arrays"].count_bytes() for r in trained)
         return replies
 
 
