@@ -12,9 +12,10 @@ How the train replies are taken in and aggregated (streamed or held) is server/e
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -148,6 +149,7 @@ def run_rounds(
     exceeded; returns the final global adapter. With `seal`, every adapter sent carries its
     signature in the message's config."""
     sealed = seal or (lambda server_round, arrays: {})
+    took: dict[int, float] = {}  # train-seconds per node, from the last round it trained in
     for server_round in range(plan.first_round, plan.last_round + 1):
         started = time.monotonic()
         wait_for_sites(grid, plan.min_sites, plan.connect_timeout)
@@ -157,7 +159,9 @@ def run_rounds(
         sent = on_the_wire(arrays, plan.compression)
         config = ConfigRecord(sealed(server_round, sent))
         try:
-            messages = list(strategy.configure_train(server_round, arrays, config, grid))
+            messages = longest_first(
+                list(strategy.configure_train(server_round, arrays, config, grid)), took
+            )
             carrying(messages, sent)
         except PrivacyBudgetExhausted as e:
             log.warning("round %d would exceed privacy.max-epsilon: stopping (%s)", server_round, e)
@@ -176,6 +180,7 @@ def run_rounds(
             site["train"] = numbers(reply.content.get("metrics"))
             if plan.secure is None:  # under it each reply holds the aggregate, not an update
                 site["train"]["update-norm"] = trained.norms[reply.metadata.src_node_id]
+            took[reply.metadata.src_node_id] = float(site["train"].get("train-seconds", 0.0))
         outcome.privacy = privacy_spent(strategy)
         outcome.train["num-examples"] = sum(
             int(site["train"].get("num-examples", 0)) for site in outcome.sites.values()
@@ -191,6 +196,13 @@ def run_rounds(
         outcome.seconds = time.monotonic() - started
         on_round(outcome)
     return Finished(arrays, plan.last_round)
+
+
+def longest_first(messages: list[Message], took: Mapping[int, float]) -> list[Message]:
+    """The tasks of sites never seen first, then by their last training time, longest
+    first: a simulation with fewer workers than sites then starts the longest work first
+    (deployed sites train in parallel, where the order costs nothing)."""
+    return sorted(messages, key=lambda m: -took.get(m.metadata.dst_node_id, math.inf))
 
 
 class _Laps:

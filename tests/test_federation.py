@@ -284,3 +284,14 @@ def test_evaluation_metrics_are_example_weighted_whatever_the_strategy() -> None
     ]
     means = example_weighted(replies)
     assert means == {"num-examples": 40, "f1": pytest.approx((0.2 * 10 + 0.8 * 30) / 40)}
+
+
+def test_tasks_go_out_longest_training_first_unknown_sites_before_all() -> None:
+    from server.federation import longest_first
+
+    def task(node: int) -> Message:
+        return Message(RecordDict(), dst_node_id=node, message_type="train")
+
+    took = {1: 5.0, 2: 50.0, 3: 20.0}
+    order = longest_first([task(n) for n in (1, 2, 3, 4)], took)
+    assert [m.metadata.dst_node_id for m in order] == [4, 2, 3, 1]
