@@ -37,20 +37,22 @@ from server.running_mean import RunningMean, RunningProductMean
 LAYERS, D_IN, D_OUT, RANK, ALPHA = 12, 768, 2304, 16, 32
 
 
-def site_arrays(seed: int) -> dict[str, np.ndarray]:
-    """One site's made-up adapter."""
+def site_arrays(seed: int, mode: str = "naive") -> dict[str, np.ndarray]:
+    """One site's made-up adapter (under FFA, what travels: B only)."""
     rng = np.random.default_rng(seed)
     arrays = {}
     for layer in range(LAYERS):
         name = f"transformer.h.{layer}.attn.c_attn"
-        arrays[f"{name}.lora_A.weight"] = rng.normal(0, 0.03, (RANK, D_IN)).astype(np.float32)
+        a = rng.normal(0, 0.03, (RANK, D_IN)).astype(np.float32)
+        if mode != "ffa":
+            arrays[f"{name}.lora_A.weight"] = a
         arrays[f"{name}.lora_B.weight"] = rng.normal(0, 0.01, (D_OUT, RANK)).astype(np.float32)
     return arrays
 
 
-def site_reply(seed: int) -> RecordDict:
+def site_reply(seed: int, mode: str) -> RecordDict:
     """One site's reply, as Flower's aggregation takes it."""
-    arrays = {k: Array(v) for k, v in site_arrays(seed).items()}
+    arrays = {k: Array(v) for k, v in site_arrays(seed, mode).items()}
     return RecordDict(
         {
             "arrays": ArrayRecord(array_dict=arrays),
@@ -82,7 +84,7 @@ def held(records: list[RecordDict], mode: str) -> float:
 def measure_held(sites: int, mode: str) -> dict[str, object]:
     tracemalloc.start()
     started = time.perf_counter()
-    records = [site_reply(seed) for seed in range(sites)]
+    records = [site_reply(seed, mode) for seed in range(sites)]
     built = time.perf_counter()
     lost = held(records, mode)
     seconds = time.perf_counter() - built
@@ -94,7 +96,7 @@ def measure_held(sites: int, mode: str) -> dict[str, object]:
 
 def measure_streamed(sites: int, mode: str) -> dict[str, object]:
     mean = RunningProductMean(RANK, ALPHA) if mode == "exact" else RunningMean()
-    replies: Iterator[dict[str, np.ndarray]] = (site_arrays(seed) for seed in range(sites))
+    replies: Iterator[dict[str, np.ndarray]] = (site_arrays(s, mode) for s in range(sites))
     tracemalloc.start()
     folding = building = 0.0
     for seed in range(sites):
@@ -152,7 +154,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sites", type=int, nargs="+", default=[10, 100, 1000])
     parser.add_argument("--held-sites", type=int, nargs="+", default=[10, 100])
-    parser.add_argument("--modes", nargs="+", default=["naive", "exact"])
+    parser.add_argument("--modes", nargs="+", default=["naive", "ffa", "exact"])
     parser.add_argument("--out", type=Path, default=Path("bench-results/aggregate.json"))
     args = parser.parse_args()
     rows = []
