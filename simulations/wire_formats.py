@@ -5,6 +5,9 @@ bench-results/wire_formats.json and prints the table.
 
     python -m simulations.wire_formats                     # seeds 0 1
     python -m simulations.wire_formats --seeds 0 --out runs/wire-formats
+    python -m simulations.wire_formats --seeds 1 --formats fp32 int8-down-topk10-up
+
+Runs already in the results file are kept (a format and seed run again replace theirs).
 
 Bytes are every message's records as Flower counts them (adapter, metrics, config), per
 round and per site, down (training and evaluation tasks) and up. Test F1 is the
@@ -94,6 +97,14 @@ def summarise(rows: list[dict]) -> list[dict[str, object]]:
     return table
 
 
+def _earlier_runs(results: Path, redone: set[tuple[str, int]]) -> list[dict]:
+    """The runs an earlier invocation wrote to `results`, less those about to run again."""
+    if not results.is_file():
+        return []
+    rows = json.loads(results.read_text()).get("runs", [])
+    return [r for r in rows if (r["format"], r["seed"]) not in redone]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -103,7 +114,7 @@ def main() -> None:
     args = parser.parse_args()
     out = args.out.resolve()
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    rows: list[dict] = []
+    rows = _earlier_runs(args.results, {(f, s) for f in args.formats for s in args.seeds})
     summary: list[dict[str, object]] = []
     for seed in args.seeds:  # the table so far is written after every run
         for name in args.formats:
