@@ -30,9 +30,10 @@ class SiteData:
 
 
 _CACHE: dict[tuple[object, ...], SiteData] = {}
-CACHED_SITES = 16
-"""Sites whose tokenised data a process keeps: a real site has one file; a simulation worker
-serving a thousand sites would otherwise keep them all."""
+CACHED_SITES = 64
+"""Sites whose tokenised data a process keeps (the most recently used): a real site has one
+file; a simulation worker serving a thousand sites would otherwise keep them all. A worker
+serving more sites than this every round tokenises them again each round."""
 
 
 def load_site(path: Path, cfg: FedtuneConfig) -> SiteData:
