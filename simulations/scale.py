@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -120,8 +121,8 @@ def main() -> None:
         write_json(
             args.results,
             {
-                "command": "python -m simulations.scale",
-                "settings": CONFIG,
+                "command": " ".join(["python -m simulations.scale", *sys.argv[1:]]),
+                "settings": {**CONFIG, "federation.rounds": args.rounds, "sampled": args.sampled},
                 "machine-cpus": os.cpu_count(),
                 "federations": rows,
             },
