@@ -1,5 +1,6 @@
 """Compressed wire formats for the adapter (`[compression]`): 8-bit values with one fp16
-scale per block of BLOCK values, both ways, and top-k sparsified deltas on the way up.
+scale per block of BLOCK values, both ways; on the way up also 4-bit values (two a byte)
+and top-k sparsified deltas.
 
 Down, the coordinator sends its full-precision global adapter rounded to int8; it keeps the
 full-precision adapter itself and adds the sites' deltas to that, so the rounding of one
@@ -8,8 +9,9 @@ received), int8 or top-k, with error feedback: what the rounding or the sparsifi
 out is kept at the site (`residual`) and added to its next delta, so nothing is lost, only
 delayed (Seide et al. 2014; Karimireddy et al. 2019).
 
-Encoded arrays keep the adapter's names: `name` holds the int8 values, `name@scale` the
-block scales, and for top-k `name@mask` the kept positions as a packed bit mask.
+Encoded arrays keep the adapter's names: `name` holds the int8 values (int4: packed in
+pairs, flattened), `name@scale` the block scales, and for top-k `name@mask` the kept
+positions as a packed bit mask.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 
 Arrays = dict[str, np.ndarray]
 Down = Literal["none", "int8"]
-Up = Literal["none", "int8", "topk"]
+Up = Literal["none", "int8", "int4", "topk"]
 BLOCK = 64
 """Values per scale: a 3% overhead on int8 (fp16 scales), and an outlier spoils 63 others."""
 SCALE, MASK = "@scale", "@mask"
@@ -41,6 +43,30 @@ def quantize(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     divisor = np.where(scale > 0, scale, 1).astype(np.float32)[:, None]
     q = np.clip(np.rint(blocks / divisor), -127, 127).astype(np.int8)
     return q.ravel()[: flat.size].reshape(np.shape(values)), scale
+
+
+def quantize4(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric 4-bit (-7..7) per block of BLOCK values, two to a byte (flattened), and
+    the fp16 scales."""
+    flat = np.asarray(values, dtype=np.float32).ravel()
+    blocks = np.pad(flat, (0, -flat.size % BLOCK)).reshape(-1, BLOCK)
+    scale = np.minimum(np.abs(blocks).max(axis=1) / 7, _FP16_MAX).astype(np.float16)
+    divisor = np.where(scale > 0, scale, 1).astype(np.float32)[:, None]
+    q = (np.clip(np.rint(blocks / divisor), -7, 7).astype(np.int16) + 8).ravel()[: flat.size]
+    q = np.pad(q, (0, flat.size % 2))
+    return (q[0::2] | (q[1::2] << 4)).astype(np.uint8), scale
+
+
+def dequantize4(packed: np.ndarray, scale: np.ndarray, size: int) -> np.ndarray:
+    """`size` fp32 values of packed 4-bit blocks; raises CompressionError when they do not fit."""
+    if packed.dtype != np.uint8 or packed.shape != (math.ceil(size / 2),):
+        raise CompressionError(f"{math.ceil(size / 2)} bytes of 4-bit values expected")
+    if scale.dtype != np.float16 or scale.shape != (math.ceil(size / BLOCK),):
+        raise CompressionError(f"{size} values need {math.ceil(size / BLOCK)} fp16 scales")
+    q = np.empty(packed.size * 2, dtype=np.float32)
+    q[0::2], q[1::2] = packed & 0x0F, packed >> 4
+    blocks = np.pad(q[:size] - 8, (0, -size % BLOCK)).reshape(-1, BLOCK)
+    return (blocks * scale.astype(np.float32)[:, None]).ravel()[:size]
 
 
 def dequantize(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
@@ -95,6 +121,9 @@ def encode_update(
         if up == "int8":
             out[name], out[name + SCALE] = quantize(delta)
             sent = dequantize(out[name], out[name + SCALE])
+        elif up == "int4":
+            out[name], out[name + SCALE] = quantize4(delta)
+            sent = dequantize4(out[name], out[name + SCALE], delta.size).reshape(delta.shape)
         else:
             out[name], out[name + SCALE], out[name + MASK] = _top_k(delta, topk_fraction)
             sent = _dense(out[name], out[name + SCALE], out[name + MASK], delta.shape)
@@ -118,6 +147,9 @@ def decode_update(
             if arrays[name].shape != reference.shape:
                 raise CompressionError(f"{name}: shape {arrays[name].shape}, not {reference.shape}")
             delta = dequantize(arrays[name], arrays[name + SCALE])
+        elif up == "int4":
+            size = reference.size
+            delta = dequantize4(arrays[name], arrays[name + SCALE], size).reshape(reference.shape)
         else:
             delta = _dense(arrays[name], arrays[name + SCALE], arrays[name + MASK], reference.shape)
         out[name] = (reference.astype(np.float32) + delta).astype(reference.dtype)

@@ -363,9 +363,10 @@ class CompressionSettings(_Section):
     """The global adapter to the sites: none (in federation.wire-dtype) or int8. The
     coordinator keeps the full-precision adapter, so rounding does not build up."""
 
-    up: Literal["none", "int8", "topk"] = "none"
-    """Each site's update: none (its adapter in federation.wire-dtype), int8 (its delta), or
-    topk (the largest compression.topk-fraction of its delta, int8, with a bit mask)."""
+    up: Literal["none", "int8", "int4", "topk"] = "none"
+    """Each site's update: none (its adapter in federation.wire-dtype), int8 or int4 (its
+    delta, 4-bit values two to a byte), or topk (the largest compression.topk-fraction of its
+    delta, int8, with a bit mask)."""
 
     topk_fraction: float = Field(0.1, gt=0, le=1)
     """compression.up topk: share of each tensor's delta entries sent each round."""

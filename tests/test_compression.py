@@ -20,9 +20,11 @@ from common.compression import (
     decode_global,
     decode_update,
     dequantize,
+    dequantize4,
     encode_global,
     encode_update,
     quantize,
+    quantize4,
 )
 from common.config import ConfigError, load_config
 from common.model import build_model
@@ -54,6 +56,17 @@ def test_int8_blocks_round_to_within_half_a_step(size: int) -> None:
         assert step[-1] < step[0] / 10
 
 
+@pytest.mark.parametrize("size", [1, 2, BLOCK + 1, 3 * BLOCK + 6])
+def test_int4_packs_two_values_a_byte_within_half_a_step(size: int) -> None:
+    values = np.random.default_rng(size).normal(0, 1, size).astype(np.float32)
+    packed, scale = quantize4(values)
+    assert packed.dtype == np.uint8 and packed.shape == (math.ceil(size / 2),)
+    step = np.repeat(scale.astype(np.float32), BLOCK)[:size]
+    assert np.all(np.abs(dequantize4(packed, scale, size) - values) <= step / 2 + 1e-7)
+    with pytest.raises(CompressionError):
+        dequantize4(packed, scale, size + 2)
+
+
 def test_an_all_zero_block_stays_zero() -> None:
     q, scale = quantize(np.zeros(BLOCK + 3, dtype=np.float32))
     assert not q.any() and not scale.any()
@@ -71,7 +84,7 @@ def test_the_global_adapter_travels_as_int8_and_decodes() -> None:
     assert decode_global(adapter, "none") == adapter
 
 
-@pytest.mark.parametrize("up", ["int8", "topk"])
+@pytest.mark.parametrize("up", ["int8", "int4", "topk"])
 def test_error_feedback_delivers_every_delta_in_the_end(up: str) -> None:
     """Over many rounds, what arrives sums to what the site trained, less one residual:
     nothing is dropped, only delayed."""
@@ -178,14 +191,17 @@ def test_a_federation_runs_on_int8_down_and_top_k_up(
         assert any(residual[k].numpy().any() for k in residual)
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "fedmedian"])  # streamed and held rounds
-def test_an_int8_update_round_is_the_plain_round_within_a_rounding_step(
-    tiny_bert_dir: Path, sites: dict[int, Path], tmp_path: Path, strategy: str
+@pytest.mark.parametrize(
+    ("strategy", "up", "levels"),
+    [("fedavg", "int8", 127), ("fedmedian", "int8", 127), ("fedavg", "int4", 7)],
+)  # fedavg streams its round, fedmedian holds it
+def test_a_compressed_update_round_is_the_plain_round_within_a_rounding_step(
+    tiny_bert_dir: Path, sites: dict[int, Path], tmp_path: Path, strategy: str, up: str, levels: int
 ) -> None:
     """Same sites, same start: round 1's aggregate differs from the plain one's by at most
     the sites' rounding, half a step each."""
     runs = {}
-    for name, extra in [("plain", {}), ("int8", {"compression.up": "int8"})]:
+    for name, extra in [("plain", {}), ("int8", {"compression.up": up})]:
         keys = {"federation.rounds": 1, "federation.strategy": strategy, **extra}
         config = _config(tiny_bert_dir, tmp_path / name, **keys)
         _run(HandlerGrid(config, sites))
@@ -195,7 +211,7 @@ def test_an_int8_update_round_is_the_plain_round_within_a_rounding_step(
     moved = False
     for key in plain:
         difference = (int8[key] - plain[key]).abs().max().item()
-        step = (plain[key] - initial[key]).abs().max().item() / 127
+        step = (plain[key] - initial[key]).abs().max().item() / levels
         assert difference <= step + 1e-7, key
         moved = moved or difference > 0
     assert moved, "int8 rounding left every value exactly as plain: was it applied?"
