@@ -1,7 +1,8 @@
 """Bytes on the wire against F1, per wire format: fp32 both ways (the FlowerTune baseline),
-fp16, int8 both ways, and int8 down with top-k deltas up (25% and 10% of each tensor's
-entries); the default federation (3 hospitals, MiniLM, LoRA r=8, 3 rounds), the same seeds
-for every format. Writes bench-results/wire_formats.json and prints the table.
+fp16, int8 both ways, and int8 down with 4-bit or top-k deltas up (top-k: 25% and 10% of
+each tensor's entries); the default federation (3 hospitals, MiniLM, LoRA r=8, 3 rounds),
+the same seeds for every format. Writes bench-results/wire_formats.json and prints the
+table.
 
     python -m simulations.wire_formats                     # seeds 0 1
     python -m simulations.wire_formats --seeds 0 --out runs/wire-formats
@@ -30,6 +31,7 @@ FORMATS: dict[str, dict[str, object]] = {
     "fp32": {},
     "fp16": {"federation.wire-dtype": "fp16"},
     "int8": {"compression.down": "int8", "compression.up": "int8"},
+    "int8-down-int4-up": {"compression.down": "int8", "compression.up": "int4"},
     "int8-down-topk25-up": {
         "compression.down": "int8",
         "compression.up": "topk",
