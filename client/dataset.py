@@ -30,25 +30,16 @@ class SiteData:
 
 
 _CACHE: dict[tuple[object, ...], SiteData] = {}
-CACHED_SITES = 64
-"""Sites whose tokenised data a process keeps (the most recently used): a real site has one
-file; a simulation worker serving a thousand sites would otherwise keep them all. A worker
-serving more sites than this every round tokenises them again each round."""
 
 
 def load_site(path: Path, cfg: FedtuneConfig) -> SiteData:
-    """Load, validate, split and tokenise a site's file; cached (the last CACHED_SITES files)
-    until the file changes."""
+    """Load, validate, split and tokenise a site's file; cached until the file changes."""
     path = Path(path).resolve()
     stat = path.stat() if path.is_file() else None
     key = (path, stat and (stat.st_mtime_ns, stat.st_size), cfg.model, cfg.data)
-    if key in _CACHE:
-        _CACHE[key] = _CACHE.pop(key)  # most recently used last
-    else:
+    if key not in _CACHE:
         records = load_records(path, cfg.model, cfg.data)
         _CACHE[key] = _prepare(records, cfg)
-        while len(_CACHE) > CACHED_SITES:
-            del _CACHE[next(iter(_CACHE))]
         site = _CACHE[key]
         log.info(
             "%s: %d records -> %d train, %d validation, %d test",

@@ -232,23 +232,3 @@ def test_the_site_ledger_shows_exactly_what_left(
     assert "run 1 round 3 train" in shown and "run 1 round 3 evaluate" in shown
     first = train_entry["tensors"][0]
     assert first["name"] in shown and f"norm {first['norm']:.6g}" in shown
-
-
-def test_a_worker_keeps_the_data_of_its_recent_sites_only(
-    run_config, text_file: Path, tmp_path: Path
-) -> None:
-    """A simulation worker serves many sites: it keeps the last CACHED_SITES, reuses them."""
-    from client import dataset
-
-    cfg = load_config(run_config)
-    files = []
-    for i in range(dataset.CACHED_SITES + 1):
-        files.append(tmp_path / f"site-{i}.jsonl")
-        files[-1].write_bytes(text_file.read_bytes())
-    first = load_site(files[0], cfg)
-    assert load_site(files[0], cfg) is first  # no second read or tokenisation
-    for path in files[1:]:
-        load_site(path, cfg)
-    assert len(dataset._CACHE) <= dataset.CACHED_SITES
-    assert load_site(files[-1], cfg) is load_site(files[-1], cfg)
-    assert load_site(files[0], cfg) is not first  # the oldest was let go, and read again
