@@ -242,7 +242,6 @@ def _run_trainer(train: Any, cfg: Any, group_by_length: bool) -> tuple[float, in
         AutoModelForSequenceClassification,
         DataCollatorWithPadding,
         Trainer,
-        TrainerCallback,
         TrainingArguments,
     )
 
@@ -275,13 +274,7 @@ def _run_trainer(train: Any, cfg: Any, group_by_length: bool) -> tuple[float, in
         return batch
 
     clock: dict[str, float] = {}
-
-    class Clock(TrainerCallback):
-        def on_train_begin(self, *a: Any, **k: Any) -> None:
-            clock["start"] = time.perf_counter()
-
-        def on_train_end(self, *a: Any, **k: Any) -> None:
-            clock["end"] = time.perf_counter()
+    Clock = _clock(clock)
 
     with tempfile.TemporaryDirectory() as out:
         arguments = TrainingArguments(
@@ -317,6 +310,20 @@ def _run_trainer(train: Any, cfg: Any, group_by_length: bool) -> tuple[float, in
     return clock["end"] - clock["start"], examples, tokens, padded
 
 
+def _clock(clock: dict[str, float]) -> Any:
+    """A Trainer callback class that notes when training starts and ends in `clock`."""
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, *a: Any, **k: Any) -> None:
+            clock["start"] = time.perf_counter()
+
+        def on_train_end(self, *a: Any, **k: Any) -> None:
+            clock["end"] = time.perf_counter()
+
+    return Clock
+
+
 def _random_gpt2(directory: Path) -> Path:
     """A randomly initialised GPT-2 of MiniLM's size, with MiniLM's tokenizer, on disk."""
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -344,7 +351,7 @@ def _run_sft(data: Path, cfg: Any) -> tuple[float, int, int, int]:
     import torch
     from datasets import Dataset
     from peft import LoraConfig, TaskType
-    from transformers import AutoModelForCausalLM, TrainerCallback
+    from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
     from common.model import load_tokenizer, resolve_model_path
@@ -356,13 +363,7 @@ def _run_sft(data: Path, cfg: Any) -> tuple[float, int, int, int]:
         [{"prompt": r["prompt"], "completion": r["completion"]} for r in records]
     )
     clock: dict[str, float] = {}
-
-    class Clock(TrainerCallback):
-        def on_train_begin(self, *a: Any, **k: Any) -> None:
-            clock["start"] = time.perf_counter()
-
-        def on_train_end(self, *a: Any, **k: Any) -> None:
-            clock["end"] = time.perf_counter()
+    Clock = _clock(clock)
 
     with tempfile.TemporaryDirectory() as out:
         arguments = SFTConfig(
