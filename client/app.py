@@ -178,6 +178,16 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
+@app.query(mods=[_record_sent])
+@_guarded
+def query(msg: Message, context: Context) -> Message:
+    """Tell the size of this site's training split, a count only, so that the coordinator
+    can send the longest training first (server/schedule.py)."""
+    task = Task("size", dict(context.run_config), {}, server_round=_round(msg))
+    metrics = _carry_out(task, context).metrics
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
 def _carry_out(task: Task, context: Context) -> Result:
     """By the warm worker when there is one, else here (the same code either way)."""
     worker = context.node_config.get("worker-socket")

@@ -106,6 +106,8 @@ def perform(task: Task, data_path: Path) -> Result:
     cfg = load_config(task.run_config)
     run_rank, site = cfg.lora.rank, at_site_rank(cfg, task.lora_rank)
     adapter = from_wire(at_rank(task.arrays, site.lora, run_rank))
+    if task.op == "size":  # the count every train reply carries too (server/schedule.py)
+        return Result({}, {"num-examples": len(load_site(data_path, cfg).train)})
     if task.op == "train":
         state, metrics = train_round(
             site, data_path, adapter, task.server_round, task.proximal_mu, task.frozen_sha256

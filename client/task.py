@@ -1,6 +1,7 @@
-"""What one message asks of a site, in plain types: train or evaluate, with the run's
-settings and the global adapter as NumPy arrays. Light on purpose (no torch): the ClientApp
-process builds it before handing it to the warm worker or computing it itself."""
+"""What one message asks of a site, in plain types: train, evaluate, or tell the size of its
+training split, with the run's settings and the global adapter as NumPy arrays. Light on
+purpose (no torch): the ClientApp process builds it before handing it to the warm worker or
+computing it itself."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 
 from common.config import parse_ranks
 
-Op = Literal["train", "evaluate"]
+Op = Literal["train", "evaluate", "size"]
 Metrics = dict[str, int | float]
 TASK_FAILED = "site-task-failed"
 
@@ -36,7 +37,7 @@ def site_rank(node_config: dict[str, object], run_config: dict[str, object]) -> 
 
 @dataclass(frozen=True)
 class Task:
-    """One train or evaluate request."""
+    """One train, evaluate or size request."""
 
     op: Op
     run_config: dict[str, bool | int | float | str]
@@ -64,7 +65,7 @@ class Task:
     @classmethod
     def from_header(cls, header: dict[str, object], arrays: dict[str, np.ndarray]) -> Task:
         op = header.get("op")
-        if op not in ("train", "evaluate"):
+        if op not in ("train", "evaluate", "size"):
             raise ValueError(f"unknown task {op!r}")
         return cls(
             op=op,  # type: ignore[arg-type]

@@ -237,6 +237,12 @@ class FederationSettings(_Section):
     """Seconds the coordinator waits at the start for federation.min-sites sites to connect
     before it fails with a clear message."""
 
+    order_by_size: bool = True
+    """Before a round, ask the sampled sites not yet seen training for the size of their
+    training split, so that the longest training is sent first where sites share workers
+    (a simulation); one small extra exchange the first time a site is sampled. Skipped with
+    train.local-steps, where every site trains the same number of steps."""
+
     evaluate_every: int = Field(1, ge=0)
     """Federated evaluation (each site scores the global adapter on its validation split)
     every N rounds, and always after the last; 0 turns it off."""

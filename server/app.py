@@ -128,6 +128,7 @@ def main(grid: Grid, context: Context) -> None:
         secure=cfg.secure_aggregation if cfg.secure_aggregation.enabled else None,
         exact_lora=cfg.lora if cfg.lora.aggregation == "exact" else None,
         compression=cfg.compression,
+        size_query=fed.order_by_size and cfg.train.local_steps == 0,
     )
     try:
         final = run_rounds(

@@ -3,8 +3,9 @@
 Flower's `Strategy.start` always begins at round 1 and offers no hook that can resume, so
 this loop drives the strategy's own `configure_*` and `aggregate_*` methods itself. Each
 round: wait (with a limit) for enough sites, sample them (seeded per round), send the
-global adapter, aggregate the replies, evaluate on the sites every N rounds, and hand a
-`RoundOutcome` to the caller, which checkpoints it.
+global adapter, longest expected training first (server/schedule.py), aggregate the
+replies, evaluate on the sites every N rounds, and hand a `RoundOutcome` to the caller,
+which checkpoints it.
 
 How the train replies are taken in and aggregated (streamed or held) is server/exchange.py.
 """
@@ -12,10 +13,9 @@ How the train replies are taken in and aggregated (streamed or held) is server/e
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,6 +33,7 @@ from server.checks import UpdateRules
 from server.exchange import held_round, streamed_round, streams
 from server.privacy import privacy_spent
 from server.replies import Metrics, example_weighted, in_node_order, numbers, payload_bytes
+from server.schedule import Durations, ask_sizes, longest_first
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,9 @@ class RoundPlan:
     None: the strategy's mean of each factor."""
     compression: CompressionSettings = field(default_factory=CompressionSettings)
     """How the adapter travels each way beyond `wire_dtype` (common/compression.py)."""
+    size_query: bool = False
+    """Ask sites not seen training yet for their size, to send the longest work first
+    (server/schedule.py)."""
 
     def evaluates(self, server_round: int) -> bool:
         """Whether the sites evaluate the global adapter after this round."""
@@ -101,9 +105,9 @@ class RoundOutcome:
     bytes_down: int = 0
     seconds: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)
-    """Seconds per part of the round: waiting for sites, training (tasks out, replies in,
-    checked and aggregated: a streamed round folds each reply as it arrives), federated and
-    central evaluation."""
+    """Seconds per part of the round: waiting for sites, asking new sites their size,
+    training (tasks out, replies in, checked and aggregated: a streamed round folds each
+    reply as it arrives), federated and central evaluation."""
 
     def row(self) -> dict[str, object]:
         """The round as one metrics.jsonl line."""
@@ -149,7 +153,7 @@ def run_rounds(
     exceeded; returns the final global adapter. With `seal`, every adapter sent carries its
     signature in the message's config."""
     sealed = seal or (lambda server_round, arrays: {})
-    took: dict[int, float] = {}  # train-seconds per node, from the last round it trained in
+    durations = Durations()
     for server_round in range(plan.first_round, plan.last_round + 1):
         started = time.monotonic()
         wait_for_sites(grid, plan.min_sites, plan.connect_timeout)
@@ -159,9 +163,13 @@ def run_rounds(
         sent = on_the_wire(arrays, plan.compression)
         config = ConfigRecord(sealed(server_round, sent))
         try:
-            messages = longest_first(
-                list(strategy.configure_train(server_round, arrays, config, grid)), took
-            )
+            messages = list(strategy.configure_train(server_round, arrays, config, grid))
+            nodes = durations.unknown(m.metadata.dst_node_id for m in messages)
+            if plan.size_query and nodes:
+                lap(outcome, "wait")
+                durations.examples.update(ask_sizes(grid, nodes, server_round))
+                lap(outcome, "size-query")
+            messages = longest_first(messages, durations)
             carrying(messages, sent)
         except PrivacyBudgetExhausted as e:
             log.warning("round %d would exceed privacy.max-epsilon: stopping (%s)", server_round, e)
@@ -180,7 +188,7 @@ def run_rounds(
             site["train"] = numbers(reply.content.get("metrics"))
             if plan.secure is None:  # under it each reply holds the aggregate, not an update
                 site["train"]["update-norm"] = trained.norms[reply.metadata.src_node_id]
-            took[reply.metadata.src_node_id] = float(site["train"].get("train-seconds", 0.0))
+            durations.trained(reply.metadata.src_node_id, site["train"])
         outcome.privacy = privacy_spent(strategy)
         outcome.train["num-examples"] = sum(
             int(site["train"].get("num-examples", 0)) for site in outcome.sites.values()
@@ -198,13 +206,6 @@ def run_rounds(
     return Finished(arrays, plan.last_round)
 
 
-def longest_first(messages: list[Message], took: Mapping[int, float]) -> list[Message]:
-    """The tasks of sites never seen first, then by their last training time, longest
-    first: a simulation with fewer workers than sites then starts the longest work first
-    (deployed sites train in parallel, where the order costs nothing)."""
-    return sorted(messages, key=lambda m: -took.get(m.metadata.dst_node_id, math.inf))
-
-
 class _Laps:
     """Records the seconds since the last lap under a phase name."""
 
@@ -213,7 +214,7 @@ class _Laps:
 
     def __call__(self, outcome: RoundOutcome, phase: str) -> None:
         now = time.monotonic()
-        outcome.phases[phase] = now - self.last
+        outcome.phases[phase] = outcome.phases.get(phase, 0.0) + now - self.last
         self.last = now
 
 

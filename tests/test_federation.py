@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_jsonl
 from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
@@ -286,12 +287,43 @@ def test_evaluation_metrics_are_example_weighted_whatever_the_strategy() -> None
     assert means == {"num-examples": 40, "f1": pytest.approx((0.2 * 10 + 0.8 * 30) / 40)}
 
 
-def test_tasks_go_out_longest_training_first_unknown_sites_before_all() -> None:
-    from server.federation import longest_first
+def test_tasks_go_out_longest_expected_training_first() -> None:
+    from server.schedule import Durations, longest_first
 
     def task(node: int) -> Message:
         return Message(RecordDict(), dst_node_id=node, message_type="train")
 
-    took = {1: 5.0, 2: 50.0, 3: 20.0}
-    order = longest_first([task(n) for n in (1, 2, 3, 4)], took)
-    assert [m.metadata.dst_node_id for m in order] == [4, 2, 3, 1]
+    durations = Durations()
+    for node, seconds, examples in ((1, 5.0, 10), (2, 50.0, 100), (3, 20.0, 40)):
+        durations.trained(node, {"train-seconds": seconds, "num-examples": examples})
+    durations.examples.update({5: 60, 6: 8})  # sized by a query, never trained: 0.5 s each
+    order = longest_first([task(n) for n in (1, 2, 3, 4, 5, 6)], durations)
+    assert [m.metadata.dst_node_id for m in order] == [4, 2, 5, 3, 1, 6]
+    assert durations.unknown([1, 4, 5]) == [4]
+
+
+def test_round_one_asks_new_sites_their_size_and_sends_the_largest_first(
+    tiny_bert_dir: Path, text_file: Path, tmp_path: Path
+) -> None:
+    rows = [json.loads(line) for line in text_file.read_text().splitlines()]
+    sites = {  # 16, 48 and 32 records: the largest is neither first nor last by node id
+        node: write_jsonl(tmp_path / f"site-{node}.jsonl", rows[lo:hi])
+        for node, lo, hi in ((1, 0, 16), (2, 16, 64), (3, 64, 96))
+    }
+    config = _config(
+        tiny_bert_dir,
+        tmp_path / "runs",
+        **{"train.local-steps": 0, "federation.rounds": 2, "federation.evaluate-every": 0},
+    )
+    grid = HandlerGrid(config, sites, record=True)  # replies computed in the order sent
+    _run(grid)
+
+    queries = [r for r in grid.received if r.metadata.message_type == "query"]
+    trained = [r for r in grid.received if r.metadata.message_type == "train"]
+    assert len(queries) == 3  # round 1 only: from round 2 the sites' train-seconds are known
+    assert {r.metadata.src_node_id: dict(r.content["metrics"]) for r in queries} == {
+        r.metadata.src_node_id: {"num-examples": r.content["metrics"]["num-examples"]}
+        for r in trained[:3]
+    }
+    assert [r.metadata.src_node_id for r in trained[:3]] == [2, 3, 1]
+    assert "size-query" in _rows(tmp_path / "runs" / "run-1")[0]["phase-seconds"]
