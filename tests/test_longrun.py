@@ -7,6 +7,7 @@ model per site, would add."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import tracemalloc
@@ -26,7 +27,8 @@ WARM_UP = 12  # rounds that fill per-site caches (data, tokenised batches) and a
 
 
 class MeasuringGrid(HandlerGrid):
-    """Records the traced Python memory when each round's training is sent."""
+    """Records the traced Python memory (after a collection) when each round's training
+    is sent."""
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
@@ -37,6 +39,9 @@ class MeasuringGrid(HandlerGrid):
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)
         if messages and messages[0].metadata.message_type == "train":
+            # Retained memory, not cycles that wait for the collector: when those go
+            # depends on what ran before in the same process (the rest of the suite).
+            gc.collect()
             self.traced.append(tracemalloc.get_traced_memory()[0])
             self.rss.append(_rss())
             self.payload.append(0)
