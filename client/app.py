@@ -50,6 +50,7 @@ from common.config import (
 )
 from common.payload import content_bytes
 from common.signing import adapter_digest, check_seal, load_verify_key
+from common.sitename import SITE_KEY, site_name
 
 log = logging.getLogger(__name__)
 app = ClientApp()
@@ -158,6 +159,9 @@ def train(msg: Message, context: Context) -> Message:
     if KEY_CLIPPING_NORM in config:
         metrics[DP_WEIGHT] = 1  # under DP the coordinator averages with equal weights
     content = RecordDict({"arrays": record, "metrics": MetricRecord(metrics)})
+    name = site_name(context.node_config)
+    if name:
+        content[SITE_KEY] = ConfigRecord({"name": name})
     return Message(content=content, reply_to=msg)
 
 

@@ -112,6 +112,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     start.add_argument("--key", type=Path, help="private key (default: HOME/site.key)")
     start.add_argument(
+        "--name",
+        default="",
+        help="the name this site goes by in the run's model card, e.g. st-marys (the name "
+        "the coordinator registered it under); without it the card shows the node id",
+    )
+    start.add_argument(
         "--lora-rank",
         type=_rank,
         default=0,
@@ -335,8 +341,11 @@ def _start(args: argparse.Namespace) -> int:
     from client.supernode import site_home, supernode_command, worker_command
     from common.flower import flower_env
     from common.signing import load_verify_key
+    from common.sitename import check_name
 
     home = site_home(args.home)
+    if args.name:
+        check_name(args.name)
     key = args.key or home / "site.key"
     print(f"site key {key}: {check_private_key(key)}")
     try:
@@ -384,6 +393,7 @@ def _start(args: argparse.Namespace) -> int:
         args.coordinator_key,
         home / LEDGER_FILE,
         args.lora_rank,
+        args.name,
     )
     flwr_home = home / "flwr-home"
     flwr_home.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from common.flower import executable
+from common.sitename import check_name
 
 DEFAULT_HOME = Path("~/.fedtune/site")
 DEFAULT_PORT = 9094
@@ -62,11 +63,12 @@ def supernode_command(
     coordinator_key: Path | None = None,
     sent_log: Path | None = None,
     lora_rank: int = 0,
+    name: str = "",
 ) -> list[str]:
     """`flower-supernode` for this site: TLS only (no --insecure, ever), authenticated;
     the ClientApp finds the data, the warm worker, the coordinator's public signing key and
-    the ledger of what it sent, and the LoRA rank it trains at (0: the run's) through the
-    node config, which stays on the site."""
+    the ledger of what it sent, the LoRA rank it trains at (0: the run's) and the name it
+    goes by in model cards through the node config, which stays on the site."""
     if not ADDRESS.fullmatch(superlink):
         raise ValueError(f"--superlink {superlink!r}: expected HOST:PORT, e.g. fl.example.org:443")
     if isolation not in ISOLATION:
@@ -93,6 +95,7 @@ def supernode_command(
         " ".join(
             [f'{key}="{path}"' for key, path in node_config.items()]
             + ([f"lora-rank={lora_rank}"] if lora_rank else [])
+            + ([f'site-name="{check_name(name)}"'] if name else [])
         ),
         "--isolation",
         isolation,

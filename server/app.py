@@ -3,7 +3,8 @@
 Builds the strategy, starts from the shared initial adapter or, with `federation.resume`,
 from the run's last good checkpoint, runs the rounds (server/federation.py), signing every
 adapter it sends when it has a key (`federation.signing-key`), and after each round writes
-a metrics line, an audit entry, a verified checkpoint and a progress line.
+a metrics line, an audit entry, a verified checkpoint and a progress line; at the end, the
+final adapter and the run's model card (server/card.py).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from common.model import build_model
 from common.signing import load_signing_key, seal
 from common.wire import from_record, to_record
 from server.audit import record_arrays, record_digest, round_entry
+from server.card import write_card
 from server.checkpoint import resume_checkpoint, write_checkpoint
 from server.checks import UpdateRules
 from server.federation import (
@@ -150,7 +152,8 @@ def main(grid: Grid, context: Context) -> None:
     ended = {"stopped": final.stopped} if final.stopped else {}
     spent = {"privacy": privacy_spent(strategy)} if dp else {}
     finish_run(run_dir, "completed", rounds=final.rounds, **ended, **spent)
-    log.info("run finished: adapter, checkpoints and metrics in %s", run_dir)
+    write_card(run_dir)
+    log.info("run finished: adapter, model card, checkpoints and metrics in %s", run_dir)
 
 
 def _task_config(key: Ed25519PrivateKey | None, run_id: int, frozen: AdapterState) -> Seal:

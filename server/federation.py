@@ -17,6 +17,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
@@ -32,7 +33,14 @@ from server.audit import record_arrays
 from server.checks import UpdateRules
 from server.exchange import held_round, streamed_round, streams
 from server.privacy import privacy_spent
-from server.replies import Metrics, example_weighted, in_node_order, numbers, payload_bytes
+from server.replies import (
+    Metrics,
+    example_weighted,
+    in_node_order,
+    numbers,
+    payload_bytes,
+    told_name,
+)
 from server.schedule import Durations, ask_sizes, longest_first
 
 log = logging.getLogger(__name__)
@@ -94,8 +102,9 @@ class RoundOutcome:
     """Example-weighted means of the sites' evaluation metrics ({} when not evaluated)."""
     central: Metrics = field(default_factory=dict)
     """Metrics on the coordinator's own evaluation file ({} when none is configured)."""
-    sites: dict[str, dict[str, Metrics]] = field(default_factory=dict)
-    """Per site (node id): its `train` and `evaluate` metrics."""
+    sites: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per site (node id): its `train` and `evaluate` metrics, and the `name` it goes by
+    when it told one (common/sitename.py)."""
     dropped: list[dict[str, object]] = field(default_factory=list)
     """Sites asked but not aggregated: node id and reason code."""
     privacy: dict[str, float] = field(default_factory=dict)
@@ -186,6 +195,8 @@ def run_rounds(
         for reply in trained.passed:
             site = _site(outcome, reply)
             site["train"] = numbers(reply.content.get("metrics"))
+            if name := told_name(reply):
+                site["name"] = name
             if plan.secure is None:  # under it each reply holds the aggregate, not an update
                 site["train"]["update-norm"] = trained.norms[reply.metadata.src_node_id]
             durations.trained(reply.metadata.src_node_id, site["train"])
@@ -283,5 +294,5 @@ def in_wire_dtype(arrays: ArrayRecord, dtype: WireDtype) -> ArrayRecord:
     )
 
 
-def _site(outcome: RoundOutcome, reply: Message) -> dict[str, Metrics]:
+def _site(outcome: RoundOutcome, reply: Message) -> dict[str, Any]:
     return outcome.sites.setdefault(str(reply.metadata.src_node_id), {})

@@ -19,11 +19,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from common.compression import Up
 from common.config import LoraSettings
+from common.sitename import SITE_KEY
 from server.checks import NORM_ABOVE_MEDIAN, NormRatio, UpdateRules, check, clip_to, reference_of
 from server.replies import decoded, dropped, in_node_order, payload_bytes
 from server.running_mean import Aggregate, RunningMean, RunningProductMean
@@ -178,9 +179,12 @@ def _arrivals(grid: Grid, messages: list[Message], timeout: float) -> Iterator[M
 
 
 def _metrics_only(reply: Message) -> Message:
-    """The reply without its arrays: who sent it and its metrics, for the round's report."""
-    metrics = reply.content.get("metrics") if reply.has_content() else None
-    content = (
-        RecordDict({"metrics": metrics}) if isinstance(metrics, MetricRecord) else RecordDict()
-    )
-    return Message(content=content, metadata=reply.metadata)
+    """The reply without its arrays: who sent it, its metrics and the name it goes by, for
+    the round's report."""
+    kept = RecordDict()
+    if reply.has_content():
+        if isinstance(metrics := reply.content.get("metrics"), MetricRecord):
+            kept["metrics"] = metrics
+        if isinstance(site := reply.content.get(SITE_KEY), ConfigRecord):
+            kept[SITE_KEY] = site
+    return Message(content=kept, metadata=reply.metadata)

@@ -7,11 +7,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.constant import ErrorCode
 
 from common.compression import Up, decode_update
 from common.payload import content_bytes
+from common.sitename import NAME, SITE_KEY
 from common.wire import numpy_record
 
 Metrics = dict[str, int | float]
@@ -84,6 +85,14 @@ def example_weighted(replies: list[Message]) -> Metrics:
         weight = sum(n for _, n in weighted)
         means[key] = sum(value * n for value, n in weighted) / weight
     return means
+
+
+def told_name(reply: Message) -> str | None:
+    """The name a site's reply says it goes by, when it is a well-formed site name (a site
+    controls this text: anything else is ignored, so no free text reaches the records)."""
+    record = reply.content.get(SITE_KEY) if reply.has_content() else None
+    name = record.get("name") if isinstance(record, ConfigRecord) else None
+    return name if isinstance(name, str) and NAME.fullmatch(name) else None
 
 
 def numbers(record: object) -> Metrics:

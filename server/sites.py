@@ -8,7 +8,6 @@ node id, so that operators talk about "st-marys", not 15311202137188772451.
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import time
 from dataclasses import dataclass
@@ -17,10 +16,9 @@ from typing import Any
 
 from common.flower import ANSI, FlowerProcessError, executable
 from common.keyfiles import fingerprint, load_site_public_key
+from common.sitename import check_name
 from server.runlog import write_json
 from server.superlink import CONNECTION, CoordinatorHome
-
-NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 
 
 @dataclass(frozen=True)
@@ -36,11 +34,7 @@ class Site:
 
 def register_site(home: CoordinatorHome, public_key: Path, name: str) -> Site:
     """Register `public_key` under `name` with the running SuperLink; returns the site."""
-    if not NAME.fullmatch(name):
-        raise ValueError(
-            f"site name {name!r}: use 1-63 lower-case letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit (for example st-marys)"
-        )
+    check_name(name)
     home.require_connection()
     key = load_site_public_key(public_key)
     print_ = fingerprint(key)

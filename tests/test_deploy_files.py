@@ -53,6 +53,7 @@ COMMANDS: dict[str, dict[str, set[str]]] = {
             "--isolation",
             "--config",
             "--allow-identifiers",
+            "--name",
         },
     },
 }

@@ -1,0 +1,33 @@
+"""Site names: what operators call a site ("st-marys", not a 64-bit node id), in the
+coordinator's registry and in a run's model card. Light on purpose (no torch): the ClientApp
+imports it."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+"""A site name: 1-63 lower-case letters, digits, '.', '_' or '-', from a letter or digit."""
+SITE_KEY = "site"
+"""The train reply's record holding the name the site goes by."""
+
+
+def site_name(node_config: Mapping[str, object]) -> str:
+    """The name a site goes by: node config `site-name` (`fedtune-site start --name`), or
+    site-K for simulated site K (the synthetic federation's directory); "" when none."""
+    if "site-name" in node_config:
+        return str(node_config["site-name"])
+    if "partition-id" in node_config:
+        return f"site-{int(str(node_config['partition-id'])) + 1}"
+    return ""
+
+
+def check_name(name: str) -> str:
+    """`name` when it is a well-formed site name; ValueError otherwise."""
+    if not NAME.fullmatch(name):
+        raise ValueError(
+            f"site name {name!r}: use 1-63 lower-case letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit (for example st-marys)"
+        )
+    return name
