@@ -258,6 +258,12 @@ class FederationSettings(_Section):
     """Run directory of an interrupted run to continue from its last good checkpoint; the
     run's settings must be unchanged. Empty: start a new run."""
 
+    init_adapter: str = ""
+    """A global adapter in PEFT layout (absolute path: a run's RUN_DIR/adapter or an export's
+    DIR/adapter) that a new run starts from instead of the fresh initial adapter, to continue
+    training; it must fit model and lora settings. Ignored on resume (the checkpoint wins);
+    refused with lora.aggregation ffa. Empty: the fresh initial adapter."""
+
     max_update_norm: float = Field(0.0, ge=0)
     """Drop a site's update whose L2 distance from the global adapter exceeds this; 0: no
     absolute bound."""
@@ -491,6 +497,16 @@ class FedtuneConfig(_Section):
                 "secure-aggregation.reconstruction-threshold "
                 f"({secure.reconstruction_threshold}) must not exceed federation.min-sites "
                 f"({fed.min_sites}): a round of min-sites sites could never unmask its sum"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _init_adapter_fits_the_lora(self) -> FedtuneConfig:
+        if self.federation.init_adapter and self.lora.aggregation == "ffa":
+            raise ValueError(
+                "federation.init-adapter cannot be used with lora.aggregation ffa: the sites "
+                "hold their own frozen A factors, drawn from lora.init-seed, so they would not "
+                "train the A of the adapter it names; use naive or exact aggregation"
             )
         return self
 

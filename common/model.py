@@ -204,6 +204,16 @@ def _build(path: Path, settings: ModelSettings, lora: LoraSettings, device: torc
     return _Built(model=model, initial_adapter=get_adapter_state(model))
 
 
+def load_base_model(cfg: FedtuneConfig) -> torch.nn.Module:
+    """The plain transformers base model of `cfg`, fp32 on the CPU, without LoRA or the
+    [CLS]-only patch; weights its directory lacks (a new head) are drawn from the same seed
+    as in `build_model`. What an export puts its adapter on and merges into."""
+    path = resolve_model_path(cfg.model.path)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.lora.init_seed)
+        return _load_base(path, cfg.model, torch.float32, load_tokenizer(path))
+
+
 def freeze_lora_a(model: torch.nn.Module) -> None:
     """FFA-LoRA: the A factors stay at their shared initial value."""
     for name, param in model.named_parameters():

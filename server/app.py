@@ -1,10 +1,11 @@
 """The Flower ServerApp (`[tool.flwr.app.components] serverapp`): glue only.
 
-Builds the strategy, starts from the shared initial adapter or, with `federation.resume`,
-from the run's last good checkpoint, runs the rounds (server/federation.py), signing every
-adapter it sends when it has a key (`federation.signing-key`), and after each round writes
-a metrics line, an audit entry, a verified checkpoint and a progress line; at the end, the
-final adapter and the run's model card (server/card.py).
+Builds the strategy, starts from the shared initial adapter, from an earlier run's adapter
+(`federation.init-adapter`) or, with `federation.resume`, from the run's last good
+checkpoint, runs the rounds (server/federation.py), signing every adapter it sends when it
+has a key (`federation.signing-key`), and after each round writes a metrics line, an audit
+entry, a verified checkpoint and a progress line; at the end, the final adapter and the
+run's model card (server/card.py).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from common.signing import load_signing_key, seal
 from common.wire import from_record, to_record
 from server.audit import record_arrays, record_digest, round_entry
 from server.card import write_card
-from server.checkpoint import resume_checkpoint, write_checkpoint
+from server.checkpoint import read_init_adapter, resume_checkpoint, write_checkpoint
 from server.checks import UpdateRules
 from server.federation import (
     CentralEvaluation,
@@ -74,7 +75,7 @@ def main(grid: Grid, context: Context) -> None:
     )
     key = load_signing_key(Path(fed.signing_key)) if fed.signing_key else None
     first_round, elapsed_before = 1, 0.0
-    if fed.resume:
+    if fed.resume:  # the checkpoint holds the adapter, wherever the run started from
         checkpoint = resume_checkpoint(run_dir, cfg.digest(), cfg.flat())
         initial = {key: checkpoint.adapter[key] for key in initial}  # the model's key order
         restore_server_state(strategy, checkpoint.server_state, list(initial))
@@ -85,13 +86,19 @@ def main(grid: Grid, context: Context) -> None:
         resumed = {"event": "resumed", "after-round": checkpoint.round, "run": context.run_id}
         append_entry(run_dir, resumed, key)
         log.info("resuming %s after round %d of %d", run_dir, checkpoint.round, fed.rounds)
+    elif fed.init_adapter:
+        initial = read_init_adapter(Path(fed.init_adapter), initial, cfg.lora.alpha)
     frozen = frozen_part(initial, cfg.lora)  # FFA-LoRA: A never travels
     start = to_record({k: v for k, v in initial.items() if k not in frozen}, fed.wire_dtype)
+    # Where a new run's adapter came from, by the digest the sites compute for round 1.
+    origin: dict[str, object] = {}
+    if fed.init_adapter and not fed.resume:
+        origin["init-adapter"] = {"path": fed.init_adapter, "sha256": record_digest(start)}
     if not fed.resume:
-        started_entry = {"event": "started", "run": context.run_id}
+        started_entry = {"event": "started", "run": context.run_id, **origin}
         append_entry(run_dir, {**started_entry, "adapter-sha256": record_digest(start)}, key)
     warn_if_short(run_dir, _bytes_needed(initial, fed.rounds - first_round + 1), "run directory")
-    start_run(run_dir, cfg, context.run_id, first_round - 1 if fed.resume else None)
+    start_run(run_dir, cfg, context.run_id, first_round - 1 if fed.resume else None, **origin)
     started = time.monotonic() - elapsed_before
 
     run_state = {

@@ -23,7 +23,13 @@ from peft import PeftConfig
 from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save as save_numpy
 
-from common.adapter import AdapterState, load_adapter, write_adapter_files
+from common.adapter import (
+    AdapterError,
+    AdapterState,
+    check_adapter_state,
+    load_adapter,
+    write_adapter_files,
+)
 from common.config import DIGEST_EXEMPT
 from common.files import replace_dir, staging_dir, storage_error, write_atomic
 
@@ -35,6 +41,20 @@ LATEST = "LATEST"
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or altered; the message names the file."""
+
+
+def round_of(path: Path) -> int | None:
+    """The round a checkpoint directory holds (`round-0003`: 3), None for anything else."""
+    name = path.name
+    digits = name.removeprefix("round-")
+    return int(digits) if name.startswith("round-") and digits.isdigit() else None
+
+
+def checkpoint_rounds(run_dir: Path) -> list[int]:
+    """The rounds that have a checkpoint directory in `run_dir` (verified or not), in order."""
+    root = run_dir / "checkpoints"
+    found = (round_of(p) for p in root.iterdir() if p.is_dir()) if root.is_dir() else ()
+    return sorted(r for r in found if r is not None)
 
 
 @dataclass(frozen=True)
@@ -75,7 +95,7 @@ def write_checkpoint(
                 arrays = {k: np.ascontiguousarray(v) for k, v in server_state.items()}
                 write_atomic(staging / SERVER_STATE, save_numpy(arrays))
                 files.append(staging / SERVER_STATE)
-            manifest = {p.name: _sha256(p) for p in files}
+            manifest = {p.name: file_sha256(p) for p in files}
             write_atomic(staging / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
             replace_dir(staging, target)
         write_atomic(root / LATEST, target.name)
@@ -132,14 +152,15 @@ def verify_checkpoint(path: Path) -> None:
             "the checkpoint was altered and will not be loaded"
         )
     for name, digest in manifest.items():
-        if _sha256(path / name) != digest:
+        if file_sha256(path / name) != digest:
             raise CheckpointError(
                 f"{path / name}: sha256 does not match the manifest; the checkpoint was "
                 "altered or damaged and will not be loaded"
             )
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, hex."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -172,3 +193,24 @@ def resume_checkpoint(run_dir: Path, digest: str, config: Mapping[str, Any]) -> 
             "differ); resume with the run's own settings (its state.json lists them)"
         )
     return checkpoint
+
+
+def read_init_adapter(
+    path: Path, model_state: Mapping[str, torch.Tensor], alpha: int
+) -> AdapterState:
+    """The adapter a new run starts from (`federation.init-adapter`), fp32 in the model's key
+    order; refused, naming the path and the first key that differs, unless it fits the
+    model's keys and shapes and was made with the same LoRA scale (`alpha`)."""
+    where = f"federation.init-adapter {path}"
+    try:
+        state, config = load_adapter(path)
+        check_adapter_state(state, {k: tuple(v.shape) for k, v in model_state.items()})
+    except AdapterError as e:
+        raise AdapterError(f"{where}: {e}") from e
+    if config.lora_alpha != alpha:
+        raise AdapterError(
+            f"{where}: made with lora alpha {config.lora_alpha}, this run has lora.alpha "
+            f"{alpha}; the same factors would compute another update, so set lora.alpha = "
+            f"{config.lora_alpha}"
+        )
+    return {key: state[key].to(torch.float32) for key in model_state}

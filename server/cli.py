@@ -7,6 +7,7 @@ fedtune-server sites                                # registered sites and their
 fedtune-server run --config experiment.toml         # submit a run and follow its rounds
 fedtune-server resume ~/.fedtune/coordinator/runs/run-N   # continue after a crash
 fedtune-server runs                                 # runs, status and rounds done
+fedtune-server export RUN_DIR --out DIR --merged    # the adapter (and merged model), checked
 
 Every command takes --home DIR (default ~/.fedtune/coordinator); deploy/README.md is the
 step-by-step runbook.
@@ -150,8 +151,33 @@ def _parser() -> argparse.ArgumentParser:
     resume.add_argument("--detach", action="store_true", help="resubmit and return")
 
     command("runs", _runs, "list runs: status, rounds done, where they are")
-    export = command("export", _export, "export a global adapter (arrives with issue #9)")
-    export.add_argument("run_dir", type=Path, nargs="?")
+    export = command(
+        "export",
+        _export,
+        "export a run's global adapter (and the merged model) for use without fedtune",
+        "Write the run's final adapter, or round N's verified checkpoint, to DIR/adapter in "
+        "PEFT layout (base_model_name_or_path: the run's base model) and, with --merged, the "
+        "base model with the adapter merged to DIR/merged in Hugging Face layout (with the "
+        "tokenizer). Both are loaded back with peft and transformers alone and their outputs "
+        "compared with fedtune's model on fixed inputs; DIR is written only if they agree.",
+    )
+    export.add_argument("run_dir", type=Path, help="the run's directory (HOME/runs/run-ID)")
+    export.add_argument(
+        "--round",
+        type=int,
+        dest="server_round",
+        metavar="N",
+        help="export round N's checkpoint instead of the final adapter",
+    )
+    export.add_argument(
+        "--out", type=Path, required=True, metavar="DIR", help="the directory to write"
+    )
+    export.add_argument(
+        "--merged", action="store_true", help="also write the base model with the adapter merged"
+    )
+    export.add_argument(
+        "--force", action="store_true", help="replace DIR if it holds a previous export"
+    )
     return parser
 
 
@@ -297,12 +323,17 @@ def _runs(args: argparse.Namespace, home: CoordinatorHome) -> int:
 
 
 def _export(args: argparse.Namespace, home: CoordinatorHome) -> int:
-    print(
-        "fedtune-server export: not implemented yet; it arrives with issue #9. The final "
-        "adapter is already in PEFT layout in RUN_DIR/adapter. Nothing was done.",
-        file=sys.stderr,
-    )
-    return EXIT_USAGE
+    from server.export import export_run
+
+    exported = export_run(args.run_dir, args.out, args.server_round, args.merged, args.force)
+    print(f"exported {exported.source} of {args.run_dir}")
+    print(f"adapter: {exported.out / 'adapter'} (PEFT layout)")
+    print(f"  adapter_model.safetensors sha256 {exported.adapter_sha256}")
+    if exported.merged:
+        print(f"merged model: {exported.out / 'merged'} (Hugging Face layout, with tokenizer)")
+    checked = ", ".join(f"{part} {d:.2e}" for part, d in exported.differences.items())
+    print(f"check: largest output difference from fedtune's model: {checked}")
+    return EXIT_OK
 
 
 if __name__ == "__main__":

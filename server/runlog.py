@@ -1,7 +1,7 @@
 """A run's record on disk: run.json (settings and status), metrics.jsonl (one line per
 round) and the progress line shown per round. Numbers and settings only, never site data.
 
-    RUN_DIR/run.json        run id, settings, config digest, status, final adapter sha256
+    RUN_DIR/run.json        run id, settings, config digest, status, init-adapter (path, sha256)
     RUN_DIR/metrics.jsonl   one JSON object per round (server/federation.py RoundOutcome.row)
 """
 
@@ -25,11 +25,15 @@ RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
 
 
-def start_run(run_dir: Path, cfg: FedtuneConfig, run_id: int, resumed_at: int | None) -> None:
-    """Write run.json for a run that starts (or resumes after round `resumed_at`)."""
+def start_run(
+    run_dir: Path, cfg: FedtuneConfig, run_id: int, resumed_at: int | None, **fields: object
+) -> None:
+    """Write run.json for a run that starts (or resumes after round `resumed_at`), with
+    `fields` (where its adapter came from)."""
     record = read_run(run_dir) if resumed_at is not None else {}
     record.update(
         {
+            **fields,
             "config": cfg.flat(),
             "config-digest": cfg.digest(),
             "status": "running",

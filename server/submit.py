@@ -70,6 +70,8 @@ def absolute_paths(cfg: FedtuneConfig) -> dict[str, object]:
     keys: dict[str, object] = {"federation.run-dir": str(_absolute(cfg.federation.run_dir))}
     if cfg.federation.eval_file:
         keys["federation.eval-file"] = str(_absolute(cfg.federation.eval_file))
+    if cfg.federation.init_adapter:
+        keys["federation.init-adapter"] = str(_absolute(cfg.federation.init_adapter))
     return keys
 
 

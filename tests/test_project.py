@@ -1,5 +1,4 @@
-"""The project's wiring: Flower components import, the app bundle holds code only, the one
-placeholder left says so."""
+"""The project's wiring: Flower components import, the app bundle holds code only."""
 
 from __future__ import annotations
 
@@ -9,12 +8,9 @@ import tomllib
 import zipfile
 from pathlib import Path
 
-import pytest
 from flwr.cli.build import build_fab_from_disk
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
-
-from server.cli import main as server_main
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -52,8 +48,3 @@ def test_the_app_bundle_sent_to_sites_holds_only_our_code(tmp_path: Path) -> Non
     assert "pyproject.toml" in names and "client/app.py" in names and "server/app.py" in names
     assert all(n.endswith(".py") for n in names if n != "pyproject.toml"), names
     assert not any(n.startswith(("tests/", "simulations/", "deploy/")) for n in names)
-
-
-def test_export_placeholder_does_nothing_and_says_so(capsys: pytest.CaptureFixture[str]) -> None:
-    assert server_main(["export"]) == 2
-    assert "not implemented yet" in capsys.readouterr().err
