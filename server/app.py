@@ -20,7 +20,13 @@ from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from peft import PeftModel
 
-from common.adapter import AdapterState, get_adapter_state, save_adapter, set_adapter_state
+from common.adapter import (
+    WEIGHTS_FILE,
+    AdapterState,
+    get_adapter_state,
+    save_adapter,
+    set_adapter_state,
+)
 from common.auditlog import append_entry
 from common.config import DP_WEIGHT, FROZEN_SHA256, FedtuneConfig, load_config
 from common.evaluation import evaluate, load_eval_file
@@ -31,7 +37,12 @@ from common.signing import load_signing_key, seal
 from common.wire import from_record, to_record
 from server.audit import record_arrays, record_digest, round_entry
 from server.card import write_card
-from server.checkpoint import read_init_adapter, resume_checkpoint, write_checkpoint
+from server.checkpoint import (
+    file_sha256,
+    read_init_adapter,
+    resume_checkpoint,
+    write_checkpoint,
+)
 from server.checks import UpdateRules
 from server.federation import (
     CentralEvaluation,
@@ -90,10 +101,16 @@ def main(grid: Grid, context: Context) -> None:
         initial = read_init_adapter(Path(fed.init_adapter), initial, cfg.lora.alpha)
     frozen = frozen_part(initial, cfg.lora)  # FFA-LoRA: A never travels
     start = to_record({k: v for k, v in initial.items() if k not in frozen}, fed.wire_dtype)
-    # Where a new run's adapter came from, by the digest the sites compute for round 1.
+    # Where a new run's adapter came from: by the digest the sites compute for round 1, and
+    # by its weights file's sha256, which the earlier run's model card lists.
     origin: dict[str, object] = {}
     if fed.init_adapter and not fed.resume:
-        origin["init-adapter"] = {"path": fed.init_adapter, "sha256": record_digest(start)}
+        weights = file_sha256(Path(fed.init_adapter) / WEIGHTS_FILE)
+        origin["init-adapter"] = {
+            "path": fed.init_adapter,
+            "sha256": record_digest(start),
+            "file-sha256": weights,
+        }
     if not fed.resume:
         started_entry = {"event": "started", "run": context.run_id, **origin}
         append_entry(run_dir, {**started_entry, "adapter-sha256": record_digest(start)}, key)

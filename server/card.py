@@ -21,6 +21,7 @@ from typing import Any
 from common.adapter import WEIGHTS_FILE
 from common.files import write_atomic
 from common.model import ModelError, resolve_model_path
+from server.checkpoint import file_sha256
 from server.runlog import read_rounds, read_run
 
 CARD_JSON = "model-card.json"
@@ -165,9 +166,7 @@ def adapter(run_dir: Path, name: str) -> dict[str, Any]:
     weights = run_dir / name / WEIGHTS_FILE
     if not weights.is_file():
         return {"directory": name, "sha256": None}
-    with weights.open("rb") as f:
-        sha = hashlib.file_digest(f, "sha256").hexdigest()
-    return {"directory": name, "weights": WEIGHTS_FILE, "sha256": sha}
+    return {"directory": name, "weights": WEIGHTS_FILE, "sha256": file_sha256(weights)}
 
 
 def render(card: Mapping[str, Any]) -> str:
@@ -186,7 +185,8 @@ def render(card: Mapping[str, Any]) -> str:
     ]
     init = card.get("init-adapter")
     lines += [
-        f"- started from the adapter `{init['path']}` (sha256 `{init['sha256']}`)"
+        f"- started from the adapter `{init['path']}` (sha256 of its weights: "
+        f"`{init.get('file-sha256')}`)"
         if init
         else "- started from a fresh adapter (lora.init-seed)",
         "",

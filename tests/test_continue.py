@@ -16,6 +16,7 @@ from common.adapter import AdapterError, load_adapter
 from common.auditlog import AUDIT_FILE, verify_log
 from common.config import ConfigError, load_config
 from common.signing import adapter_digest
+from server.card import CARD_JSON
 from server.submit import absolute_paths
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -55,9 +56,15 @@ def test_a_run_started_from_another_runs_adapter_sends_exactly_its_weights(
     assert any(np.abs(a).max() > 0 for k, a in sent.items() if "lora_B" in k), "a trained B"
 
     run_dir = tmp_path / "b" / "run-1"
-    origin = {"path": str(adapter), "sha256": adapter_digest(sent)}
+    earlier_card = json.loads((adapter.parent / CARD_JSON).read_text())
+    origin = {
+        "path": str(adapter),
+        "sha256": adapter_digest(sent),
+        "file-sha256": earlier_card["adapter"]["sha256"],  # as the earlier run's card lists
+    }
     record = json.loads((run_dir / "run.json").read_text())
     assert record["init-adapter"] == origin and record["status"] == "completed"
+    assert json.loads((run_dir / CARD_JSON).read_text())["init-adapter"] == origin
     started = verify_log(run_dir / AUDIT_FILE)[0]
     assert started["event"] == "started" and started["init-adapter"] == origin
 
