@@ -232,6 +232,7 @@ def _load_base(
     extra = {"num_labels": settings.num_labels} if settings.task == "classification" else {}
     # Quiet: the new head's "newly initialized" notice and a per-tensor progress bar.
     verbosity = transformers.logging.get_verbosity()
+    bars = transformers.logging.is_progress_bar_enabled()
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     try:
@@ -243,7 +244,8 @@ def _load_base(
         ) from e
     finally:
         transformers.logging.set_verbosity(verbosity)
-        transformers.logging.enable_progress_bar()
+        if bars:  # as the caller had them
+            transformers.logging.enable_progress_bar()
     if base.config.pad_token_id is None:
         base.config.pad_token_id = tokenizer.pad_token_id
     for param in base.parameters():

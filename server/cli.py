@@ -323,8 +323,11 @@ def _runs(args: argparse.Namespace, home: CoordinatorHome) -> int:
 
 
 def _export(args: argparse.Namespace, home: CoordinatorHome) -> int:
+    from transformers.utils import logging as transformers_logging
+
     from server.export import export_run
 
+    transformers_logging.disable_progress_bar()  # its per-shard bars; the summary says it all
     exported = export_run(args.run_dir, args.out, args.server_round, args.merged, args.force)
     print(f"exported {exported.source} of {args.run_dir}")
     print(f"adapter: {exported.out / 'adapter'} (PEFT layout)")
