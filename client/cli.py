@@ -1,7 +1,9 @@
-"""`fedtune-site`: check data, train locally and join a federation, at a site.
+"""`fedtune-site`: check data, train locally, join a federation and use its adapter, at a site.
 
 fedtune-site check --data notes.jsonl
 fedtune-site train --data notes.jsonl --epochs 3 --out adapter/
+fedtune-site predict --adapter run/adapter --data new-notes.jsonl --out predictions.jsonl
+fedtune-site evaluate --adapter run/adapter --data notes.jsonl --group-by age_band,sex
 fedtune-site keygen                                  # the site's key pair; send site.pub
 fedtune-site start --superlink fl.example.org:443 --ca ca.pem --coordinator-key signing.pub \
     --data notes.jsonl
@@ -19,11 +21,16 @@ import os
 import subprocess
 import sys
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from common.config import ConfigError, FedtuneConfig, load_config
 from common.keyfiles import KeyFileError
 from common.records import DataError, Row, read_rows, string_fields, validate_rows
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_IDENTIFIERS = 0, 1, 2, 3
 
@@ -78,6 +85,52 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path, help="write the trained adapter here (PEFT layout)")
     train.add_argument("--metrics", type=Path, help="write the per-epoch metrics here (JSON)")
     train.set_defaults(run=_train)
+
+    predict = commands.add_parser(
+        "predict",
+        help="predict with an adapter on local records (no labels needed)",
+        description="Load the base model of the settings with the adapter in --adapter (its "
+        "LoRA shape read from its adapter_config.json) and write one JSON line per record to "
+        "--out, in input order: the record's line, its id field if it has one, and the "
+        "predicted label with its probability and every class's (classification), or the "
+        "generated completion (causal-lm). The input text is never written.",
+    )
+    _adapter_args(predict)
+    predict.add_argument(
+        "--out", type=Path, required=True, help="the predictions, one JSON line per record"
+    )
+    generation = predict.add_argument_group("generation (model.task causal-lm)")
+    generation.add_argument(
+        "--max-new-tokens", type=int, default=64, help="most tokens generated per record"
+    )
+    generation.add_argument(
+        "--temperature", type=float, default=0.0, help="0: greedy (deterministic); above: sampled"
+    )
+    generation.add_argument(
+        "--top-p", type=float, default=1.0, help="sample from the top-p probability mass"
+    )
+    generation.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    predict.set_defaults(run=_predict)
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="score an adapter on local labelled records, overall and per subgroup",
+        description="Print the adapter's metrics on every record of --data (as `train` "
+        "prints them), then, for each --group-by column, a table per value of the column: "
+        "records and metrics, so that a group the model serves worse shows before it is "
+        "deployed. Groups too small to judge (fewer than 20 records) or with a single class "
+        "are flagged instead of scored. Group values are printed: name category columns.",
+    )
+    _adapter_args(evaluate)
+    evaluate.add_argument(
+        "--group-by",
+        type=_columns,
+        default=[],
+        metavar="COLUMNS",
+        help="comma-separated fields to group records by, e.g. age_band,sex (default: none)",
+    )
+    evaluate.add_argument("--out", type=Path, help="write the metrics and groups here (JSON)")
+    evaluate.set_defaults(run=_evaluate)
 
     keygen = commands.add_parser(
         "keygen",
@@ -198,6 +251,33 @@ def _data_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _adapter_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--adapter",
+        type=Path,
+        required=True,
+        help="adapter directory (PEFT layout): a run's RUN_DIR/adapter or `train --out`",
+    )
+    _data_args(parser)
+    parser.add_argument(
+        "--batch-size",
+        type=_batch_size,
+        default=0,
+        help="records per batch (default: twice train.batch-size)",
+    )
+
+
+def _batch_size(text: str) -> int:
+    size = int(text)
+    if not 1 <= size <= 4096:
+        raise argparse.ArgumentTypeError(f"--batch-size must be from 1 to 4096, got {size}")
+    return size
+
+
+def _columns(text: str) -> list[str]:
+    return [c.strip() for c in text.split(",") if c.strip()]
+
+
 def _home_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--home", type=Path, help="the site's directory (default: ~/.fedtune/site)")
 
@@ -312,11 +392,89 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _line(label: str, metrics: dict[str, float], cfg: FedtuneConfig) -> str:
-    names = ("f1", "auroc", "accuracy", "precision", "recall", "loss")
-    if cfg.model.task != "classification":
-        names = ("loss", "perplexity")
-    shown = "  ".join(f"{n} {metrics[n]:.4f}" for n in names if not math.isnan(metrics[n]))
+    shown = "  ".join(
+        f"{n} {metrics[n]:.4f}" for n in _metric_names(cfg) if not math.isnan(metrics[n])
+    )
     return f"{label:>12}  {shown}"
+
+
+def _metric_names(cfg: FedtuneConfig) -> tuple[str, ...]:
+    if cfg.model.task != "classification":
+        return ("loss", "perplexity")
+    return ("f1", "auroc", "accuracy", "precision", "recall", "loss")
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from client.inference import ClassPrediction, Sampling, load_inputs, predict, write_predictions
+    from common.files import check_writable
+    from common.model import load_adapted_model, set_threads
+
+    cfg = _config(args)
+    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    check_writable(args.out.parent, "--out")  # fail in seconds, not after the predictions
+    set_threads(cfg.train.num_threads)
+    records = load_inputs(args.data, cfg)
+    model = load_adapted_model(args.adapter, cfg)
+    print(f"{args.data.name}: {len(records)} records, adapter {args.adapter}")
+    with _progress(len(records), "predict") as bar:
+        predictions = predict(
+            model, records, cfg, batch_size=args.batch_size, sampling=sampling, on_batch=bar.update
+        )
+    write_predictions(args.out, predictions)
+    labels = Counter(p.label for p in predictions if isinstance(p, ClassPrediction))
+    if labels:
+        shares = ", ".join(
+            f"{label}: {n} ({n / len(predictions):.0%})" for label, n in sorted(labels.items())
+        )
+        print(f"  predicted: {shares}")
+    print(f"{len(predictions)} predictions written to {args.out}")
+    return EXIT_OK
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from client.subgroups import evaluate_groups, load_labelled
+    from common.files import check_writable, write_atomic
+    from common.model import load_adapted_model, set_threads
+
+    cfg = _config(args)
+    if args.out is not None:
+        check_writable(args.out.parent, "--out")
+    set_threads(cfg.train.num_threads)
+    records = load_labelled(args.data, cfg, args.group_by)
+    model = load_adapted_model(args.adapter, cfg)
+    print(f"{args.data.name}: {len(records)} labelled records, adapter {args.adapter}")
+    with _progress(len(records), "evaluate") as bar:
+        result = evaluate_groups(
+            model, records, cfg, args.group_by, batch_size=args.batch_size, on_batch=bar.update
+        )
+    print(_line("all", result.metrics, cfg))
+    names = _metric_names(cfg)
+    for column in args.group_by:
+        print(f"by {column}:")
+        print(f"  {'':<20} {'records':>7}  " + "  ".join(f"{n:>9}" for n in names))
+        for group in (g for g in result.groups if g.column == column):
+            if group.flag is None:
+                shown = "  ".join(f"{group.metrics[n]:>9.4f}" for n in names)
+            else:
+                shown = f"not scored: {group.flag}"
+            print(f"  {group.value:<20} {group.records:>7}  {shown}")
+    if args.out is not None:
+        summary = {
+            "data": args.data.name,
+            "adapter": str(args.adapter),
+            "records": result.records,
+            "metrics": result.metrics,
+            "groups": [asdict(g) for g in result.groups],
+        }
+        write_atomic(args.out, json.dumps(summary, indent=2, allow_nan=True) + "\n")
+        print(f"metrics written to {args.out}")
+    return EXIT_OK
+
+
+def _progress(total: int, desc: str) -> tqdm:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="record", leave=False, file=sys.stderr)
 
 
 def _keygen(args: argparse.Namespace) -> int:

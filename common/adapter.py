@@ -35,30 +35,36 @@ def get_adapter_state(model: PeftModel) -> AdapterState:
     return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
 
-def set_adapter_state(model: PeftModel, state: Mapping[str, torch.Tensor]) -> None:
-    """Load `state` into the model's adapter; keys and shapes must match exactly."""
+def set_adapter_state(
+    model: PeftModel, state: Mapping[str, torch.Tensor], fix: str | None = None
+) -> None:
+    """Load `state` into the model's adapter; keys and shapes must match exactly (`fix`, if
+    given, is the advice an error ends with)."""
     expected = get_peft_model_state_dict(model)
-    check_adapter_state(state, {k: tuple(v.shape) for k, v in expected.items()})
+    check_adapter_state(state, {k: tuple(v.shape) for k, v in expected.items()}, fix)
     set_peft_model_state_dict(model, dict(state))
 
 
 def check_adapter_state(
-    state: Mapping[str, torch.Tensor | np.ndarray], shapes: Mapping[str, tuple[int, ...]]
+    state: Mapping[str, torch.Tensor | np.ndarray],
+    shapes: Mapping[str, tuple[int, ...]],
+    fix: str | None = None,
 ) -> None:
-    """Raise AdapterError unless `state` has exactly the keys and shapes in `shapes`."""
+    """Raise AdapterError unless `state` has exactly the keys and shapes in `shapes`; the
+    message ends with `fix` when given, else with the settings to compare."""
     missing = sorted(set(shapes) - set(state))
     unexpected = sorted(set(state) - set(shapes))
     if missing or unexpected:
         raise AdapterError(
             f"adapter keys do not match the model: {len(missing)} missing "
             f"(first: {missing[:3]}), {len(unexpected)} unexpected (first: {unexpected[:3]}); "
-            "were the model and LoRA settings the same when it was made?"
+            + (fix or "were the model and LoRA settings the same when it was made?")
         )
     for key, shape in shapes.items():
         if tuple(state[key].shape) != shape:
             raise AdapterError(
                 f"adapter tensor {key} has shape {tuple(state[key].shape)}, the model needs "
-                f"{shape}; check lora.rank and model.num-labels"
+                f"{shape}; " + (fix or "check lora.rank and model.num-labels")
             )
 
 
@@ -101,6 +107,8 @@ def write_adapter_files(
 def load_adapter(directory: Path) -> tuple[AdapterState, LoraConfig]:
     """Read an adapter in PEFT layout; errors name the directory and the missing piece."""
     directory = Path(directory)
+    if not directory.is_dir():
+        raise AdapterError(f"{directory}: no such adapter directory")
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (directory / name).is_file():
             raise AdapterError(f"{directory}: {name} missing; not a PEFT adapter directory")

@@ -17,7 +17,8 @@ MEGABATCH = 32  # batches per length-sorted group: enough to pair similar length
 
 @dataclass(frozen=True)
 class Tokenized:
-    """A split as token ids; `targets` are class indices or per-token labels."""
+    """A split as token ids; `targets` are class indices (IGNORE: unlabelled) or per-token
+    labels."""
 
     input_ids: list[list[int]]
     targets: list[int] | list[list[int]]
@@ -40,7 +41,10 @@ def tokenize(
     if records and isinstance(records[0], TextRecord):
         texts = [r.text for r in records if isinstance(r, TextRecord)]
         encoded = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-        return Tokenized(encoded, [r.label for r in records if isinstance(r, TextRecord)], pad_id)
+        labels = [
+            IGNORE if r.label is None else r.label for r in records if isinstance(r, TextRecord)
+        ]
+        return Tokenized(encoded, labels, pad_id)
     pairs = [
         _instruct_ids(r, tokenizer, max_length) for r in records if isinstance(r, InstructRecord)
     ]
@@ -51,7 +55,7 @@ def _instruct_ids(
     record: InstructRecord, tokenizer: PreTrainedTokenizerBase, max_length: int
 ) -> tuple[list[int], list[int]]:
     """Token ids and labels; only completion segments carry loss, each closed by EOS."""
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    eos = end_token_id(tokenizer)
     ids: list[int] = []
     labels: list[int] = []
     for text, trained in record.segments:
@@ -66,6 +70,12 @@ def _instruct_ids(
         # Keep the end: the question and the answer sit at the end of a prompt.
         ids, labels = ids[-budget:], labels[-budget:]
     return bos + ids, [IGNORE] * len(bos) + labels
+
+
+def end_token_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The token that closes a completion: EOS, or SEP for tokenizers without one (BERT's)."""
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    return None if eos is None else int(eos)
 
 
 def batch_order(

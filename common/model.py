@@ -23,7 +23,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from common.adapter import get_adapter_state, set_adapter_state
+from common.adapter import AdapterError, get_adapter_state, load_adapter, set_adapter_state
 from common.cls_only import last_layer_on_cls
 from common.config import FedtuneConfig, LoraSettings, ModelSettings
 from common.lora_math import is_lora_a
@@ -157,6 +157,47 @@ def build_model(cfg: FedtuneConfig) -> PeftModel:
     else:
         set_adapter_state(built.model, built.initial_adapter)
     return built.model
+
+
+def load_adapted_model(directory: Path, cfg: FedtuneConfig) -> PeftModel:
+    """The model for `cfg` with the adapter saved in `directory` (PEFT layout), in eval mode.
+
+    The LoRA shape (rank, alpha, target modules) is the adapter's own, from its
+    adapter_config.json; the base model, task and number of labels are the config's. An
+    adapter that does not fit them raises AdapterError naming the directory and the first
+    key that differs.
+    """
+    state, saved = load_adapter(directory)
+    task = {"SEQ_CLS": "classification", "CAUSAL_LM": "causal-lm"}.get(str(saved.task_type))
+    if task is not None and task != cfg.model.task:
+        raise AdapterError(
+            f"{directory}: the adapter is for {task} (task_type {saved.task_type}), but "
+            f"model.task is {cfg.model.task}; set model.task = {task}"
+        )
+    cfg = with_lora_shape(cfg, saved)
+    model = build_model(cfg)
+    classes = cfg.model.task == "classification"
+    labels = f" with model.num-labels {cfg.model.num_labels}" if classes else ""
+    fix = f"is it an adapter for the base model {cfg.model.path}{labels}?"
+    try:
+        set_adapter_state(model, state, fix)
+    except AdapterError as e:
+        raise AdapterError(f"{directory}: {e}") from e
+    model.eval()
+    log.info("adapter %s: rank %d on %s", directory, cfg.lora.rank, cfg.lora.target_modules)
+    return model
+
+
+def with_lora_shape(cfg: FedtuneConfig, saved: LoraConfig) -> FedtuneConfig:
+    """`cfg` with the rank, alpha and target modules of a saved adapter's LoRA config."""
+    modules = saved.target_modules
+    names = [modules] if isinstance(modules, str) else sorted(modules or ())
+    if set(names) != set(cfg.lora.module_list):
+        target_modules = ",".join(names)
+    else:  # the config's spelling: an equal config reuses the model already built
+        target_modules = cfg.lora.target_modules
+    shape = {"rank": saved.r, "alpha": saved.lora_alpha, "target_modules": target_modules}
+    return cfg.model_copy(update={"lora": LoraSettings(**{**cfg.lora.model_dump(), **shape})})
 
 
 def clear_model_cache() -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,8 @@ from common.config import DataSettings, ModelSettings
 
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 ROLES = ("system", "user", "assistant")
+INPUT_FIELDS = ("text", "label", "prompt", "completion", "messages")
+"""Fields a model reads (or learns from); any other field of a record is an extra."""
 MAX_PROBLEMS_SHOWN = 20
 
 
@@ -49,21 +51,30 @@ def _grouped(problems: Sequence[str]) -> list[str]:
     return merged
 
 
+Extra = str | int | float | bool
+"""The value of an extra field kept with a record (an `id`, a group such as `age_band`)."""
+
+
 @dataclass(frozen=True)
 class TextRecord:
-    """A classification record: note text and class index."""
+    """A classification record: note text and class index (None: unlabelled, to predict)."""
 
     row: int
     text: str
-    label: int
+    label: int | None
+    extra: dict[str, Extra] = field(default_factory=dict, hash=False)
+    """The extra fields asked for by name (`keep`), where the record has them."""
 
 
 @dataclass(frozen=True)
 class InstructRecord:
-    """An instruction record as text segments, each marked whether the loss applies to it."""
+    """An instruction record as text segments, each marked whether the loss applies to it.
+    An unlabelled record (to predict) ends with the prompt that its completion follows."""
 
     row: int
     segments: tuple[tuple[str, bool], ...]
+    extra: dict[str, Extra] = field(default_factory=dict, hash=False)
+    """The extra fields asked for by name (`keep`), where the record has them."""
 
 
 Record = TextRecord | InstructRecord
@@ -91,10 +102,22 @@ def read_rows(path: Path) -> Iterator[Row]:
     yield from reader(path)
 
 
-def load_records(path: Path, model: ModelSettings, data: DataSettings) -> list[Record]:
-    """Read and validate every record of a file; raises DataError listing every problem."""
+def load_records(
+    path: Path,
+    model: ModelSettings,
+    data: DataSettings,
+    *,
+    labelled: bool = True,
+    keep: Sequence[str] = (),
+) -> list[Record]:
+    """Read and validate every record of a file; raises DataError listing every problem.
+
+    `labelled=False` reads records to predict: classification needs `text` only, instruction
+    records a `prompt` or `messages` ending in a user message. `keep` names extra fields to
+    carry on each record (`Record.extra`); they must be strings, numbers or booleans.
+    """
     path = Path(path)
-    records, problems = validate_rows(read_rows(path), model, data)
+    records, problems = validate_rows(read_rows(path), model, data, labelled=labelled, keep=keep)
     if not problems and not records:
         problems = ["no records in the file"]
     if problems:
@@ -103,10 +126,15 @@ def load_records(path: Path, model: ModelSettings, data: DataSettings) -> list[R
 
 
 def validate_rows(
-    rows: Iterator[Row], model: ModelSettings, data: DataSettings
+    rows: Iterator[Row],
+    model: ModelSettings,
+    data: DataSettings,
+    *,
+    labelled: bool = True,
+    keep: Sequence[str] = (),
 ) -> tuple[list[Record], list[str]]:
     """Turn raw rows into records, collecting one problem per bad row ("line 7: ...")."""
-    labels = _LabelMap(model.num_labels, data.label_list)
+    labels = _LabelMap(model.num_labels, data.label_list) if labelled else None
     records: list[Record] = []
     problems: list[str] = []
     for row in rows:
@@ -114,10 +142,11 @@ def validate_rows(
             if row.problem is not None:
                 raise ValueError(row.problem)
             assert row.fields is not None
+            extra = _extra(row.fields, keep)
             if model.task == "classification":
-                records.append(_text_record(row, labels))
+                records.append(_text_record(row, labels, extra))
             else:
-                records.append(_instruct_record(row))
+                records.append(_instruct_record(row, labelled, extra))
         except ValueError as e:
             problems.append(f"{row.where}: {e}")
     return records, problems
@@ -165,11 +194,25 @@ class _LabelMap:
         raise ValueError(f'"label" must be one of {self.allowed}; got {kind}')
 
 
-def _text_record(row: Row, labels: _LabelMap) -> TextRecord:
+def _extra(fields: Mapping[str, Any], keep: Sequence[str]) -> dict[str, Extra]:
+    extra = {}
+    for name in keep:
+        value = fields.get(name)
+        if value is None or value == "":  # absent, JSON null, or an empty CSV cell
+            continue
+        if not isinstance(value, Extra):
+            raise ValueError(f'"{name}" must be a string, number or boolean, got {_kind(value)}')
+        extra[name] = value
+    return extra
+
+
+def _text_record(row: Row, labels: _LabelMap | None, extra: dict[str, Extra]) -> TextRecord:
     fields = row.fields or {}
     text = fields.get("text")
     if "text" not in fields:
-        hint = "classification records need text and label"
+        hint = "records to predict need text"
+        if labels is not None:
+            hint = "classification records need text and label"
         if "prompt" in fields or "messages" in fields:
             hint = "these look like instruction records: set model.task = causal-lm"
         raise ValueError(_missing("text", fields, hint))
@@ -177,31 +220,42 @@ def _text_record(row: Row, labels: _LabelMap) -> TextRecord:
         raise ValueError(f'"text" must be a string, got {_kind(text)}')
     if not text.strip():
         raise ValueError('"text" is empty')
+    if labels is None:
+        return TextRecord(row=row.number, text=text, label=None, extra=extra)
     if "label" not in fields:
         raise ValueError(_missing("label", fields, "classification records need text and label"))
-    return TextRecord(row=row.number, text=text, label=labels(fields["label"]))
+    return TextRecord(row=row.number, text=text, label=labels(fields["label"]), extra=extra)
 
 
-def _instruct_record(row: Row) -> InstructRecord:
+def _instruct_record(row: Row, labelled: bool, extra: dict[str, Extra]) -> InstructRecord:
     fields = row.fields or {}
     if "messages" in fields:
-        return InstructRecord(row=row.number, segments=_chat_segments(fields["messages"]))
-    for key in ("prompt", "completion"):
+        segments = _chat_segments(fields["messages"], labelled)
+        return InstructRecord(row=row.number, segments=segments, extra=extra)
+    for key in ("prompt", "completion") if labelled else ("prompt",):
         if key not in fields:
             hint = 'instruction records need "prompt" and "completion", or "messages"'
+            if not labelled:
+                hint = 'records to predict need "prompt", or "messages" ending in a user message'
             if "text" in fields and "label" in fields:
                 hint = "these look like classification records: set model.task = classification"
             raise ValueError(_missing(key, fields, hint))
         if not isinstance(fields[key], str):
             raise ValueError(f'"{key}" must be a string, got {_kind(fields[key])}')
+    if not labelled:
+        if not fields["prompt"].strip():
+            raise ValueError('"prompt" is empty')
+        return InstructRecord(row=row.number, segments=((fields["prompt"], False),), extra=extra)
     if not fields["completion"].strip():
         raise ValueError('"completion" is empty')
     return InstructRecord(
-        row=row.number, segments=((fields["prompt"], False), (fields["completion"], True))
+        row=row.number,
+        segments=((fields["prompt"], False), (fields["completion"], True)),
+        extra=extra,
     )
 
 
-def _chat_segments(messages: Any) -> tuple[tuple[str, bool], ...]:
+def _chat_segments(messages: Any, labelled: bool = True) -> tuple[tuple[str, bool], ...]:
     if not isinstance(messages, list) or not messages:
         raise ValueError(f'"messages" must be a non-empty list, got {_kind(messages)}')
     segments = []
@@ -217,6 +271,11 @@ def _chat_segments(messages: Any) -> tuple[tuple[str, bool], ...]:
         # One plain template for every model, so training and inference agree.
         segments.append((f"<|{role}|>\n", False))
         segments.append((f"{content}\n", role == "assistant"))
+    if not labelled:
+        # To predict the reply: the conversation so far, then the assistant turn's header.
+        if messages[-1].get("role") != "user":
+            raise ValueError(f'"messages" must end with a user message, got {messages[-1]["role"]}')
+        return (*segments, ("<|assistant|>\n", False))
     if not any(trained for _, trained in segments):
         raise ValueError('"messages" has no assistant message to learn from')
     return tuple(segments)

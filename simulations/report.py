@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.adapter import load_adapter, set_adapter_state
 from common.config import FedtuneConfig
 from common.evaluation import evaluate, load_eval_file
-from common.model import build_model, set_threads
+from common.model import load_adapted_model, set_threads
 from server.runlog import read_rounds, read_run
 
 log = logging.getLogger(__name__)
@@ -42,9 +41,7 @@ class SiteScore:
 def score_sites(adapter_dir: Path, cfg: FedtuneConfig, data_dir: Path) -> list[SiteScore]:
     """Evaluate the adapter in `adapter_dir` on DATA_DIR/site-*/test.jsonl."""
     set_threads(0)
-    model = build_model(cfg)
-    state, _ = load_adapter(adapter_dir)
-    set_adapter_state(model, state)
+    model = load_adapted_model(adapter_dir, cfg)
     scores = []
     for site_dir in sorted(data_dir.glob("site-*"), key=lambda p: int(p.name.split("-")[1])):
         test = load_eval_file(site_dir / "test.jsonl", cfg)
