@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.run(args))
+    except BrokenPipeError:  # the reader stopped early (`fedtune-site sent | head`): fine
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error at exit
+        return EXIT_OK
     except (ConfigError, DataError, KeyFileError, ValueError, OSError) as e:
         print(f"fedtune-site {args.command}: {e}", file=sys.stderr)
         return EXIT_INVALID

@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     home = CoordinatorHome.at(args.home)
     try:
         return int(args.run(args, home))
+    except BrokenPipeError:  # the reader stopped early (`fedtune-server runs | head`): fine
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error at exit
+        return EXIT_OK
     except (
         ConfigError,
         CoordinatorError,

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import write_jsonl
 
@@ -223,3 +226,32 @@ def test_start_refuses_a_key_others_can_read_and_a_ca_that_is_not_a_certificate(
     assert main(args) == EXIT_INVALID
     assert "not a PEM certificate" in capsys.readouterr().err
     assert not joining["started"]
+
+
+def test_sent_piped_into_a_reader_that_stops_early_ends_quietly(tmp_path: Path) -> None:
+    from client.ledger import FILE_NAME, record_reply
+
+    home = tmp_path / "site"
+    home.mkdir(mode=0o700)
+    arrays = {
+        f"layer.{i}.lora_A.weight": np.ones((4, 8), np.float32) for i in range(2000)
+    }  # > a pipe buffer
+    for server_round in (1, 2):
+        record_reply(
+            home / FILE_NAME,
+            run_id=1,
+            server_round=server_round,
+            op="train",
+            received_sha256="0" * 64,
+            arrays=arrays,
+            metrics={"num-examples": 10},
+            reply_bytes=1000,
+        )
+    command = [sys.executable, "-m", "client.cli", "sent", "--home", str(home), "--all"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as reader:
+        assert reader.stdout is not None and reader.stderr is not None
+        assert reader.stdout.readline()  # as `| head -1` does: one line, then the pipe closes
+        reader.stdout.close()
+        error = reader.stderr.read().decode()
+    assert reader.returncode == EXIT_OK, error
+    assert "Broken pipe" not in error and "Exception ignored" not in error
