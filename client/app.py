@@ -39,7 +39,8 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client.ledger import LEDGER_KEY, record_reply
 from client.secure import masking_mod
-from client.task import Result, Task, failure_reason, site_rank
+from client.split import train_size
+from client.task import Result, Task, failure_reason, site_data_path, site_rank
 from client.worker import WorkerError, WorkerUnavailable, ask
 from common.compression import decode_global, encode_update
 from common.config import (
@@ -187,9 +188,11 @@ def evaluate(msg: Message, context: Context) -> Message:
 def query(msg: Message, context: Context) -> Message:
     """Tell the size of this site's training split, a count only, so that the coordinator
     can send the longest training first (server/schedule.py)."""
-    task = Task("size", dict(context.run_config), {}, server_round=_round(msg))
-    metrics = _carry_out(task, context).metrics
-    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    cfg = load_config(context.run_config)
+    size = train_size(site_data_path(context.node_config, cfg), cfg)  # counted here: no torch
+    return Message(
+        content=RecordDict({"metrics": MetricRecord({"num-examples": size})}), reply_to=msg
+    )
 
 
 def _carry_out(task: Task, context: Context) -> Result:
@@ -200,7 +203,7 @@ def _carry_out(task: Task, context: Context) -> Result:
             return ask(Path(str(worker)), task)
         except WorkerUnavailable:
             log.warning("no worker on %s; training in the ClientApp process instead", worker)
-    from client.rounds import perform, site_data_path
+    from client.rounds import perform
 
     cfg = load_config(task.run_config)
     return perform(task, site_data_path(context.node_config, cfg))

@@ -7,7 +7,6 @@ simulated site for `partition-id` in a simulation. Replies hold numbers only.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -28,19 +27,6 @@ from common.lora_math import lora_pairs, padded, padded_into, refactored
 from common.model import build_model, set_threads
 
 SPLITS = ("val", "test")
-
-
-def site_data_path(node_config: Mapping[str, object], cfg: FedtuneConfig) -> Path:
-    """The site's data file, from node config `data-path` or the simulated `partition-id`."""
-    if "data-path" in node_config:
-        return Path(str(node_config["data-path"]))
-    if "partition-id" in node_config:
-        site = int(str(node_config["partition-id"])) + 1
-        return Path(cfg.simulation.data_dir) / f"site-{site}" / "train.jsonl"
-    raise ValueError(
-        "node config has neither data-path (deployment) nor partition-id (simulation); start "
-        "the site with --node-config 'data-path=\"/abs/path/records.jsonl\"'"
-    )
 
 
 def train_round(
@@ -106,8 +92,6 @@ def perform(task: Task, data_path: Path) -> Result:
     cfg = load_config(task.run_config)
     run_rank, site = cfg.lora.rank, at_site_rank(cfg, task.lora_rank)
     adapter = from_wire(at_rank(task.arrays, site.lora, run_rank))
-    if task.op == "size":  # the count every train reply carries too (server/schedule.py)
-        return Result({}, {"num-examples": len(load_site(data_path, cfg).train)})
     if task.op == "train":
         state, metrics = train_round(
             site, data_path, adapter, task.server_round, task.proximal_mu, task.frozen_sha256

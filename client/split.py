@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Generic, TypeVar
 
 import numpy as np
 
-from common.records import Record, TextRecord
+from common.config import FedtuneConfig
+from common.records import Record, TextRecord, load_records
 
 R = TypeVar("R", bound=Record)
 
@@ -41,3 +43,13 @@ def split_records(
         parts[0].extend(members[n_val + n_test :])
     train, val, test = ([records[i] for i in sorted(part)] for part in parts)
     return Splits(train=train, val=val, test=test)
+
+
+def train_size(path: Path, cfg: FedtuneConfig) -> int:
+    """How many records the site's training split holds (as `client.dataset.load_site`
+    splits them), read and validated but not tokenised: cheap, and free of torch."""
+    records = load_records(Path(path), cfg.model, cfg.data)
+    splits = split_records(
+        records, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed
+    )
+    return len(splits.train)

@@ -1,18 +1,20 @@
-"""What one message asks of a site, in plain types: train, evaluate, or tell the size of its
-training split, with the run's settings and the global adapter as NumPy arrays. Light on
+"""What one message asks of a site, in plain types: train or evaluate, with the run's
+settings and the global adapter as NumPy arrays, and where the site's data is. Light on
 purpose (no torch): the ClientApp process builds it before handing it to the warm worker or
 computing it itself."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
-from common.config import parse_ranks
+from common.config import FedtuneConfig, parse_ranks
 
-Op = Literal["train", "evaluate", "size"]
+Op = Literal["train", "evaluate"]
 Metrics = dict[str, int | float]
 TASK_FAILED = "site-task-failed"
 
@@ -37,7 +39,7 @@ def site_rank(node_config: dict[str, object], run_config: dict[str, object]) -> 
 
 @dataclass(frozen=True)
 class Task:
-    """One train, evaluate or size request."""
+    """One train or evaluate request."""
 
     op: Op
     run_config: dict[str, bool | int | float | str]
@@ -65,7 +67,7 @@ class Task:
     @classmethod
     def from_header(cls, header: dict[str, object], arrays: dict[str, np.ndarray]) -> Task:
         op = header.get("op")
-        if op not in ("train", "evaluate", "size"):
+        if op not in ("train", "evaluate"):
             raise ValueError(f"unknown task {op!r}")
         return cls(
             op=op,  # type: ignore[arg-type]
@@ -85,3 +87,16 @@ class Result:
 
     arrays: dict[str, np.ndarray]
     metrics: Metrics
+
+
+def site_data_path(node_config: Mapping[str, object], cfg: FedtuneConfig) -> Path:
+    """The site's data file, from node config `data-path` or the simulated `partition-id`."""
+    if "data-path" in node_config:
+        return Path(str(node_config["data-path"]))
+    if "partition-id" in node_config:
+        site = int(str(node_config["partition-id"])) + 1
+        return Path(cfg.simulation.data_dir) / f"site-{site}" / "train.jsonl"
+    raise ValueError(
+        "node config has neither data-path (deployment) nor partition-id (simulation); start "
+        "the site with --node-config 'data-path=\"/abs/path/records.jsonl\"'"
+    )

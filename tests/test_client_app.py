@@ -16,7 +16,7 @@ from client import rounds
 from client.app import app, evaluate, train
 from client.dataset import load_site
 from client.ledger import read_ledger
-from client.rounds import site_data_path
+from client.task import site_data_path
 from common.adapter import get_adapter_state
 from common.config import load_config
 from common.model import build_model
