@@ -241,7 +241,8 @@ class FederationSettings(_Section):
     """Before a round, ask the sampled sites not yet seen training for the size of their
     training split, so that the longest training is sent first where sites share workers
     (a simulation); one small extra exchange the first time a site is sampled. Skipped with
-    train.local-steps, where every site trains the same number of steps."""
+    train.local-steps, where every site trains the same number of steps; `fedtune-server
+    run` turns it off unless the config sets it (deployed sites train in parallel)."""
 
     evaluate_every: int = Field(1, ge=0)
     """Federated evaluation (each site scores the global adapter on its validation split)

@@ -258,6 +258,9 @@ def _run(args: argparse.Namespace, home: CoordinatorHome) -> int:
 
     keys = config_keys(args.config)
     keys.setdefault("federation.run-dir", str(home.runs))
+    # Deployed sites train in parallel, each on its own machine: the order of the tasks saves
+    # nothing there, and asking new sites their size would cost an exchange.
+    keys.setdefault("federation.order-by-size", False)
     cfg = load_config({**app_defaults(), **keys})  # refuse a bad key before submitting
     keys.update(absolute_paths(cfg))
     check_writable(Path(str(keys["federation.run-dir"])), "federation.run-dir")
