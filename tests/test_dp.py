@@ -22,6 +22,7 @@ from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 from test_federation import CoordinatorCrash, HandlerGrid, _config, _run
 
 from common.config import ConfigError, load_config
+from server.card import CARD_JSON, CARD_MD
 from server.strategy import RoundFailed
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -113,6 +114,11 @@ def test_updates_are_clipped_noise_is_calibrated_and_epsilon_is_reported(
         assert 0 < epsilon <= bound
     record = json.loads((run_dir / "run.json").read_text())
     assert record["privacy"]["epsilon"] == rows[-1]["privacy"]["epsilon"]
+    card = json.loads((run_dir / CARD_JSON).read_text())["privacy"]
+    assert card["differential-privacy"] and card["noise-multiplier"] == NOISE
+    assert card["spent"]["epsilon"] == record["privacy"]["epsilon"]
+    epsilon_shown = f"epsilon spent {record['privacy']['epsilon']}"
+    assert epsilon_shown in (run_dir / CARD_MD).read_text()
 
 
 def test_the_run_stops_before_the_budget_is_exceeded(
