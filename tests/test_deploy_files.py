@@ -37,6 +37,7 @@ COMMANDS: dict[str, dict[str, set[str]]] = {
         "run": {"--config", "--home", "--detach"},
         "resume": {"--home"},
         "runs": {"--home"},
+        "export": {"--out", "--round", "--merged", "--force", "--home"},
     },
     "fedtune-site": {
         "keygen": {"--home"},
@@ -55,6 +56,8 @@ COMMANDS: dict[str, dict[str, set[str]]] = {
             "--allow-identifiers",
             "--name",
         },
+        "evaluate": {"--adapter", "--data", "--config", "--group-by", "--out", "--batch-size"},
+        "predict": {"--adapter", "--data", "--config", "--out", "--batch-size"},
     },
 }
 TOP_LEVEL_FLAGS = {"--help", "-h"}
