@@ -9,7 +9,7 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-from client.split import split_records
+from client.split import site_splits
 from common.batches import Tokenized, tokenize
 from common.config import FedtuneConfig
 from common.model import load_tokenizer, resolve_model_path
@@ -58,9 +58,7 @@ def _tokenizer(cfg: FedtuneConfig) -> PreTrainedTokenizerBase:
 
 def _prepare(records: list[Record], cfg: FedtuneConfig) -> SiteData:
     tokenizer = _tokenizer(cfg)
-    splits = split_records(
-        records, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed
-    )
+    splits = site_splits(records, cfg)
     labels = Counter(r.label for r in records if isinstance(r, TextRecord))
     return SiteData(
         train=tokenize(splits.train, tokenizer, cfg.data.max_length),

@@ -45,11 +45,15 @@ def split_records(
     return Splits(train=train, val=val, test=test)
 
 
+def site_splits(records: Sequence[R], cfg: FedtuneConfig) -> Splits[R]:
+    """A site's records split as the run's data settings say (data.val-fraction,
+    data.test-fraction, data.split-seed)."""
+    return split_records(
+        records, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed
+    )
+
+
 def train_size(path: Path, cfg: FedtuneConfig) -> int:
     """How many records the site's training split holds (as `client.dataset.load_site`
     splits them), read and validated but not tokenised: cheap, and free of torch."""
-    records = load_records(Path(path), cfg.model, cfg.data)
-    splits = split_records(
-        records, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed
-    )
-    return len(splits.train)
+    return len(site_splits(load_records(Path(path), cfg.model, cfg.data), cfg).train)
