@@ -160,9 +160,11 @@ def train(msg: Message, context: Context) -> Message:
     if KEY_CLIPPING_NORM in config:
         metrics[DP_WEIGHT] = 1  # under DP the coordinator averages with equal weights
     content = RecordDict({"arrays": record, "metrics": MetricRecord(metrics)})
-    name = site_name(context.node_config)
-    if name:
-        content[SITE_KEY] = ConfigRecord({"name": name})
+    told = dict(result.compute)
+    if name := site_name(context.node_config):
+        told["name"] = name
+    if told:
+        content[SITE_KEY] = ConfigRecord(told)
     return Message(content=content, reply_to=msg)
 
 

@@ -331,6 +331,7 @@ def _train(args: argparse.Namespace) -> int:
     from common.evaluation import evaluate, load_eval_file
     from common.files import check_writable, write_atomic
     from common.model import build_model, set_threads
+    from common.precision import compute_of
 
     cfg = _config(args)
     epochs = args.epochs or cfg.train.local_epochs
@@ -350,6 +351,8 @@ def _train(args: argparse.Namespace) -> int:
         f"{threads} threads"
     )
     model = build_model(run_cfg)
+    compute = compute_of(model, run_cfg.model)
+    print(f"computing on {compute.describe()}")
     history = [{"epoch": 0, **evaluate(model, site.val, run_cfg)}]
     print(_line("untrained", history[0], run_cfg))
     for epoch in range(1, epochs + 1):
@@ -382,7 +385,7 @@ def _train(args: argparse.Namespace) -> int:
             + f"  train loss {result.loss:.4f}  {result.examples / result.seconds:.1f} ex/s"
         )
     test = load_eval_file(args.test, run_cfg) if args.test else site.test
-    summary: dict[str, object] = {"validation": history}
+    summary: dict[str, object] = {"compute": compute.fields(), "validation": history}
     if len(test):
         summary["test"] = evaluate(model, test, run_cfg)
         print(_line("test", summary["test"], run_cfg))  # type: ignore[arg-type]
@@ -411,6 +414,7 @@ def _predict(args: argparse.Namespace) -> int:
     from client.inference import ClassPrediction, Sampling, load_inputs, predict, write_predictions
     from common.files import check_writable
     from common.model import load_adapted_model, set_threads
+    from common.precision import compute_of
 
     cfg = _config(args)
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
@@ -418,7 +422,9 @@ def _predict(args: argparse.Namespace) -> int:
     set_threads(cfg.train.num_threads)
     records = load_inputs(args.data, cfg)
     model = load_adapted_model(args.adapter, cfg)
+    compute = compute_of(model, cfg.model)
     print(f"{args.data.name}: {len(records)} records, adapter {args.adapter}")
+    print(f"computing on {compute.describe()}")
     with _progress(len(records), "predict") as bar:
         predictions = predict(
             model, records, cfg, batch_size=args.batch_size, sampling=sampling, on_batch=bar.update
@@ -438,6 +444,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from client.subgroups import evaluate_groups, load_labelled
     from common.files import check_writable, write_atomic
     from common.model import load_adapted_model, set_threads
+    from common.precision import compute_of
 
     cfg = _config(args)
     if args.out is not None:
@@ -445,7 +452,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     set_threads(cfg.train.num_threads)
     records = load_labelled(args.data, cfg, args.group_by)
     model = load_adapted_model(args.adapter, cfg)
+    compute = compute_of(model, cfg.model)
     print(f"{args.data.name}: {len(records)} labelled records, adapter {args.adapter}")
+    print(f"computing on {compute.describe()}")
     with _progress(len(records), "evaluate") as bar:
         result = evaluate_groups(
             model, records, cfg, args.group_by, batch_size=args.batch_size, on_batch=bar.update
@@ -465,6 +474,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         summary = {
             "data": args.data.name,
             "adapter": str(args.adapter),
+            "compute": compute.fields(),
             "records": result.records,
             "metrics": result.metrics,
             "groups": [asdict(g) for g in result.groups],

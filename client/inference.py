@@ -17,11 +17,12 @@ from typing import Any
 import torch
 from peft import PeftModel
 
-from common.batches import Tokenized, batch_order, end_token_id
+from common.batches import batch_order, end_token_id
 from common.config import FedtuneConfig
 from common.evaluation import BatchCallback, score, tokenize_records
 from common.files import write_atomic
-from common.model import autocast, autocast_dtype, load_tokenizer, resolve_model_path
+from common.model import load_tokenizer, resolve_model_path
+from common.precision import autocast, autocast_dtype
 from common.records import Extra, Record, load_records
 
 ID_FIELD = "id"
@@ -161,13 +162,14 @@ def generate(
     end = end_token_id(tokenizer)
     model.eval()
     texts = [""] * len(data)
-    # Records of similar length share a batch, padded on the left so that every row's
-    # generated tokens start at the same position.
+    # Records of one length share a batch (batch_order): no padding, so every row's
+    # generated tokens start at the same position and do not depend on its batch-mates.
     batches = batch_order(data.lengths, batch_size or cfg.train.batch_size * 2, shuffle=False)
     with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
         torch.manual_seed(sampling.seed)
         for indices in batches:
-            input_ids, attention = _left_padded(data, indices)
+            input_ids = torch.tensor([data.input_ids[i] for i in indices], dtype=torch.long)
+            attention = torch.ones_like(input_ids)
             with autocast(device, amp):
                 out = model.generate(
                     input_ids=input_ids.to(device),
@@ -202,14 +204,3 @@ def write_predictions(path: Path, predictions: Sequence[Prediction]) -> None:
     """Write one JSON line per prediction, in order; the file is complete or absent."""
     lines = (json.dumps(prediction_fields(p), ensure_ascii=False) + "\n" for p in predictions)
     write_atomic(path, "".join(lines))
-
-
-def _left_padded(data: Tokenized, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = [data.input_ids[i] for i in indices]
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), data.pad_id, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    for j, ids in enumerate(rows):
-        input_ids[j, width - len(ids) :] = torch.tensor(ids)
-        attention[j, width - len(ids) :] = 1
-    return input_ids, attention

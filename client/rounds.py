@@ -25,6 +25,7 @@ from common.evaluation import evaluate
 from common.ffa import load_received
 from common.lora_math import lora_pairs, padded, padded_into, refactored
 from common.model import build_model, set_threads
+from common.precision import resolve_compute
 
 SPLITS = ("val", "test")
 
@@ -92,14 +93,16 @@ def perform(task: Task, data_path: Path) -> Result:
     cfg = load_config(task.run_config)
     run_rank, site = cfg.lora.rank, at_site_rank(cfg, task.lora_rank)
     adapter = from_wire(at_rank(task.arrays, site.lora, run_rank))
+    compute = resolve_compute(cfg.model).fields()
     if task.op == "train":
         state, metrics = train_round(
             site, data_path, adapter, task.server_round, task.proximal_mu, task.frozen_sha256
         )
         trained = to_wire(state, cfg.federation.wire_dtype)
         sent = at_rank(trained, cfg.lora, site.lora.rank, received=task.arrays)
-        return Result(sent, metrics)
-    return Result({}, evaluate_round(site, data_path, adapter, task.split, task.frozen_sha256))
+        return Result(sent, metrics, compute)
+    metrics = evaluate_round(site, data_path, adapter, task.split, task.frozen_sha256)
+    return Result({}, metrics, compute)
 
 
 def at_site_rank(cfg: FedtuneConfig, rank: int) -> FedtuneConfig:

@@ -87,6 +87,8 @@ class Result:
 
     arrays: dict[str, np.ndarray]
     metrics: Metrics
+    compute: dict[str, str] = field(default_factory=dict)
+    """The device and precision the site computed in (common/precision.py Compute.fields)."""
 
 
 def site_data_path(node_config: Mapping[str, object], cfg: FedtuneConfig) -> Path:

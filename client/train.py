@@ -15,7 +15,7 @@ from peft import PeftModel
 from common.batches import Tokenized, iter_batches
 from common.config import FedtuneConfig, TrainSettings
 from common.evaluation import balanced_class_weights, batch_loss
-from common.model import autocast, autocast_dtype
+from common.precision import autocast, autocast_dtype
 
 StepCallback = Callable[[int, float], None]
 

@@ -99,7 +99,8 @@ def ask(socket_path: Path, task: Task) -> Result:
         header, arrays = _receive(connection)
     if not header.get("ok"):
         raise WorkerError(str(header.get("type")))
-    return Result(arrays, dict(header["metrics"]))  # type: ignore[call-overload]
+    metrics, compute = dict(header["metrics"]), dict(header.get("compute") or {})  # type: ignore[call-overload]
+    return Result(arrays, metrics, compute)
 
 
 def _answer(connection: socket.socket, perform: Callable[[Task], Result]) -> None:
@@ -107,7 +108,11 @@ def _answer(connection: socket.socket, perform: Callable[[Task], Result]) -> Non
         header, arrays = _receive(connection)
         task = Task.from_header(header, arrays)
         result = perform(task)
-        reply: dict[str, object] = {"ok": True, "metrics": result.metrics}
+        reply: dict[str, object] = {
+            "ok": True,
+            "metrics": result.metrics,
+            "compute": result.compute,
+        }
         _send(connection, reply, result.arrays)
         log.info("%s done", task.op)
     except (ConnectionError, OSError) as e:

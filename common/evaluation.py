@@ -14,7 +14,8 @@ from peft import PeftModel
 from common.batches import IGNORE, Tokenized, batch_order, collate, tokenize
 from common.config import FedtuneConfig
 from common.metrics import classification_metrics, lm_metrics
-from common.model import autocast, autocast_dtype, load_tokenizer, resolve_model_path
+from common.model import load_tokenizer, resolve_model_path
+from common.precision import autocast, autocast_dtype
 from common.records import Record, load_records
 
 

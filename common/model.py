@@ -27,6 +27,7 @@ from common.adapter import AdapterError, get_adapter_state, load_adapter, set_ad
 from common.cls_only import last_layer_on_cls
 from common.config import FedtuneConfig, LoraSettings, ModelSettings
 from common.lora_math import is_lora_a
+from common.precision import compute_for, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -63,53 +64,6 @@ def resolve_model_path(spec: str) -> Path:
     if not (path / "config.json").is_file():
         raise ModelError(f"model.path {path}: config.json missing; is this a model directory?")
     return path.resolve()
-
-
-def pick_device(setting: str) -> torch.device:
-    """The torch device for `model.device`."""
-    if setting == "cuda" and not torch.cuda.is_available():
-        raise ModelError('model.device is "cuda" but no CUDA device is available; use "auto"')
-    if setting == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda")
-
-
-def autocast_dtype(settings: ModelSettings, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `model.precision` on this device, or None for plain fp32.
-
-    `auto` picks bf16 only where the hardware computes it natively: emulated bf16 on a CPU
-    without AVX512-BF16/AMX measured 20x slower than fp32 here.
-    """
-    native = native_bf16(device)
-    if settings.precision == "bf16":
-        if not native:
-            _warn_once(
-                f"model.precision is bf16 but {device.type} has no native bf16: "
-                "training will be many times slower than fp32; use auto or fp32"
-            )
-        return torch.bfloat16
-    return torch.bfloat16 if settings.precision == "auto" and native else None
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
-    """An autocast context for `dtype` on `device`; a no-op when dtype is None."""
-    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
-
-
-@cache
-def native_bf16(device: torch.device) -> bool:
-    """Whether this device computes bf16 matmuls in hardware."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-@cache
-def _warn_once(message: str) -> None:
-    log.warning(message)
 
 
 def set_threads(num_threads: int) -> int:
@@ -208,7 +162,8 @@ def clear_model_cache() -> None:
 def _build(path: Path, settings: ModelSettings, lora: LoraSettings, device: torch.device) -> _Built:
     log.info("loading base model from %s", path)
     tokenizer = load_tokenizer(path)
-    bf16_base = device.type == "cuda" and autocast_dtype(settings, device) == torch.bfloat16
+    # On a GPU the frozen base is stored in bf16 when it computes in bf16; on a CPU, fp32.
+    bf16_base = device.type == "cuda" and compute_for(settings, device).precision == "bf16"
     dtype = torch.bfloat16 if bf16_base else torch.float32
     # The classification head and LoRA A are random: draw them from the shared init seed,
     # without disturbing the caller's RNG state, so every site starts from the same adapter.

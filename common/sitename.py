@@ -10,7 +10,8 @@ from collections.abc import Mapping
 NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 """A site name: 1-63 lower-case letters, digits, '.', '_' or '-', from a letter or digit."""
 SITE_KEY = "site"
-"""The train reply's record holding the name the site goes by."""
+"""The train reply's record holding the name the site goes by, and the device and precision
+it trained in (common/precision.py), each from a fixed vocabulary the coordinator checks."""
 
 
 def site_name(node_config: Mapping[str, object]) -> str:

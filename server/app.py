@@ -33,6 +33,7 @@ from common.evaluation import evaluate, load_eval_file
 from common.ffa import frozen_digest, frozen_part
 from common.files import check_writable, warn_if_short
 from common.model import build_model
+from common.precision import compute_of
 from common.signing import load_signing_key, seal
 from common.wire import from_record, to_record
 from server.audit import record_arrays, record_digest, round_entry
@@ -115,7 +116,9 @@ def main(grid: Grid, context: Context) -> None:
         started_entry = {"event": "started", "run": context.run_id, **origin}
         append_entry(run_dir, {**started_entry, "adapter-sha256": record_digest(start)}, key)
     warn_if_short(run_dir, _bytes_needed(initial, fed.rounds - first_round + 1), "run directory")
-    start_run(run_dir, cfg, context.run_id, first_round - 1 if fed.resume else None, **origin)
+    compute = {"coordinator": compute_of(model, cfg.model).fields()}  # its central evaluation
+    resumed_at = first_round - 1 if fed.resume else None
+    start_run(run_dir, cfg, context.run_id, resumed_at, compute=compute, **origin)
     started = time.monotonic() - elapsed_before
 
     run_state = {

@@ -60,6 +60,11 @@ def build_card(run_dir: Path) -> dict[str, Any]:
             ),
         },
         "base-model": base_model(str(config.get("model.path", ""))),
+        "compute": {
+            "model.precision": config.get("model.precision"),
+            "model.device": config.get("model.device"),
+            "coordinator": record.get("compute", {}).get("coordinator"),
+        },
         "init-adapter": record.get("init-adapter"),
         "settings": {
             section: {k: v for k, v in config.items() if k.startswith(section + ".")}
@@ -120,13 +125,15 @@ def privacy(config: Mapping[str, Any], record: Mapping[str, Any]) -> dict[str, A
 
 
 def sites(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each site that trained: its name where it told one, the rounds it was aggregated in,
-    its training examples (as of its last round) and its last evaluation."""
+    """Each site that trained: its name where it told one, the device and precision it
+    trained in (as it told them), the rounds it was aggregated in, its training examples (as
+    of its last round) and its last evaluation."""
     seen: dict[str, dict[str, Any]] = {}
     for row in rows:
         for node, site in row.get("sites", {}).items():
             entry = seen.setdefault(node, {"name": None, "node-id": node, "rounds": 0})
             entry["name"] = site.get("name") or entry["name"]
+            entry["compute"] = site.get("compute") or entry.get("compute")
             if "train" in site:
                 entry["rounds"] += 1
                 entry["num-examples"] = site["train"].get("num-examples")
@@ -213,15 +220,21 @@ def render(card: Mapping[str, Any]) -> str:
         "",
         "## Sites",
         "",
-        "| site | rounds | training examples | last evaluation |",
-        "|---|---|---|---|",
+        f"Trained with model.precision `{card['compute']['model.precision']}`; each site's "
+        "device and precision as it reported them (bf16 and fp32 give different numbers).",
+        "",
+        "| site | computed in | rounds | training examples | last evaluation |",
+        "|---|---|---|---|---|",
     ]
     for site in card["sites"]:
         name = site["name"] or f"node {site['node-id']}"
         lines.append(
-            f"| {name} | {site['rounds']} | {site.get('num-examples', '')} | "
-            f"{_scores(site.get('evaluate', {}))} |"
+            f"| {name} | {_compute(site.get('compute'))} | {site['rounds']} | "
+            f"{site.get('num-examples', '')} | {_scores(site.get('evaluate', {}))} |"
         )
+    coordinator = card["compute"]["coordinator"]
+    if coordinator and fin["central"]:
+        lines += ["", f"Central evaluation computed in {_compute(coordinator)}."]
     lines += [
         "",
         "## Rounds",
@@ -258,6 +271,12 @@ def render(card: Mapping[str, Any]) -> str:
         lines.append(f"- **{section}**: {shown}")
     lines += ["", "No record content is kept in this card: settings, counts and metrics only.", ""]
     return "\n".join(lines)
+
+
+def _compute(compute: Mapping[str, Any] | None) -> str:
+    if not compute:
+        return "not reported"
+    return f"{compute.get('device')}, {compute.get('precision')}"
 
 
 def _scores(metrics: Mapping[str, Any]) -> str:

@@ -39,6 +39,7 @@ from server.replies import (
     in_node_order,
     numbers,
     payload_bytes,
+    told_compute,
     told_name,
 )
 from server.schedule import Durations, ask_sizes, longest_first
@@ -103,8 +104,8 @@ class RoundOutcome:
     central: Metrics = field(default_factory=dict)
     """Metrics on the coordinator's own evaluation file ({} when none is configured)."""
     sites: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """Per site (node id): its `train` and `evaluate` metrics, and the `name` it goes by
-    when it told one (common/sitename.py)."""
+    """Per site (node id): its `train` and `evaluate` metrics, the `name` it goes by and the
+    `compute` (device and precision) it trained in, when it told them (common/sitename.py)."""
     dropped: list[dict[str, object]] = field(default_factory=list)
     """Sites asked but not aggregated: node id and reason code."""
     privacy: dict[str, float] = field(default_factory=dict)
@@ -197,6 +198,8 @@ def run_rounds(
             site["train"] = numbers(reply.content.get("metrics"))
             if name := told_name(reply):
                 site["name"] = name
+            if compute := told_compute(reply):
+                site["compute"] = compute
             if plan.secure is None:  # under it each reply holds the aggregate, not an update
                 site["train"]["update-norm"] = trained.norms[reply.metadata.src_node_id]
             durations.trained(reply.metadata.src_node_id, site["train"])

@@ -12,6 +12,7 @@ from flwr.common.constant import ErrorCode
 
 from common.compression import Up, decode_update
 from common.payload import content_bytes
+from common.precision import DEVICES, PRECISIONS
 from common.sitename import NAME, SITE_KEY
 from common.wire import numpy_record
 
@@ -93,6 +94,18 @@ def told_name(reply: Message) -> str | None:
     record = reply.content.get(SITE_KEY) if reply.has_content() else None
     name = record.get("name") if isinstance(record, ConfigRecord) else None
     return name if isinstance(name, str) and NAME.fullmatch(name) else None
+
+
+def told_compute(reply: Message) -> dict[str, str] | None:
+    """The device and precision a site's reply says it trained in, when both are words of
+    the fixed vocabulary (common/precision.py); None otherwise."""
+    record = reply.content.get(SITE_KEY) if reply.has_content() else None
+    if not isinstance(record, ConfigRecord):
+        return None
+    device, precision = record.get("device"), record.get("precision")
+    if device in DEVICES and precision in PRECISIONS:
+        return {"device": str(device), "precision": str(precision)}
+    return None
 
 
 def numbers(record: object) -> Metrics:

@@ -1,7 +1,8 @@
 """A run's record on disk: run.json (settings and status), metrics.jsonl (one line per
 round) and the progress line shown per round. Numbers and settings only, never site data.
 
-    RUN_DIR/run.json        run id, settings, config digest, status, init-adapter (path, sha256)
+    RUN_DIR/run.json        run id, settings, config digest, status, init-adapter (path, sha256),
+                            the device and precision of the coordinator and of each site
     RUN_DIR/metrics.jsonl   one JSON object per round (server/federation.py RoundOutcome.row)
 """
 
@@ -47,10 +48,28 @@ def start_run(
 
 
 def finish_run(run_dir: Path, status: str, **fields: object) -> None:
-    """Mark the run completed or failed, with what the reader needs to know."""
+    """Mark the run completed or failed, with what the reader needs to know, and the device
+    and precision each site trained in (from metrics.jsonl)."""
     record = read_run(run_dir)
     record.update({"status": status, "ended": time.time(), **fields})
+    record["compute"] = {**record.get("compute", {}), "sites": site_compute(read_rounds(run_dir))}
     write_json(run_dir / RUN_FILE, record)
+
+
+def run_compute(run_dir: Path) -> dict[str, Any]:
+    """The device and precision a run's coordinator and sites computed in (run.json)."""
+    return dict(read_run(run_dir).get("compute", {}))
+
+
+def site_compute(rows: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
+    """Per site (its name, else its node id): the device and precision it last trained in,
+    as it told them; sites that did not tell are left out."""
+    told: dict[str, dict[str, str]] = {}
+    for row in rows:
+        for node, site in row.get("sites", {}).items():
+            if isinstance(site.get("compute"), dict):
+                told[site.get("name") or node] = site["compute"]
+    return dict(sorted(told.items()))
 
 
 def read_run(run_dir: Path) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from common.batches import Tokenized
 from common.config import FedtuneConfig
 from common.evaluation import evaluate, load_eval_file
 from common.model import build_model, resolve_model_path, set_threads
+from common.precision import resolve_compute
 from server.runlog import write_json
 from simulations.report import SiteScore
 
@@ -51,13 +52,15 @@ class BaselineError(ValueError):
 
 
 def baseline_settings(cfg: FedtuneConfig) -> dict[str, Any]:
-    """The settings a baseline's result depends on, as flat keys (model path made absolute)."""
-    flat = {
+    """The settings a baseline's result depends on, as flat keys (model path made absolute),
+    and the device and precision it computes in here: `auto` means bf16 on some machines."""
+    flat: dict[str, Any] = {
         k: v
         for k, v in cfg.flat().items()
         if (k.startswith(_SECTIONS) and k not in _EXEMPT) or k == "federation.rounds"
     }
     flat["model.path"] = str(resolve_model_path(cfg.model.path))
+    flat["compute"] = resolve_compute(cfg.model).fields()
     return flat
 
 

@@ -32,6 +32,7 @@ from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from common.lora_math import energy_lost, lora_pairs, product_mean, refactor, row_norm_of
+from common.precision import hardware
 from server.running_mean import RunningMean, RunningProductMean
 
 LAYERS, D_IN, D_OUT, RANK, ALPHA = 12, 768, 2304, 16, 32
@@ -171,6 +172,7 @@ def main() -> None:
     report = {
         "command": "python -m simulations.bench_aggregate " + " ".join(sys.argv[1:]),
         "blas-threads": os.environ.get("OPENBLAS_NUM_THREADS", "default"),
+        "hardware": hardware(),
         "adapter-values": LAYERS * RANK * (D_IN + D_OUT),
         "refactor": factorisation,
         "rows": rows,

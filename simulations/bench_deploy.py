@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from common.config import load_config
+    from common.precision import hardware
     from server.submit import app_defaults
     from simulations.run import ensure_federation
 
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     data = ensure_federation(load_config({**app_defaults(), **keys}))
     result: dict[str, Any] = {
         "command": f"python -m simulations.bench_deploy --rounds {args.rounds}",
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": {"platform": platform.platform(), **hardware()},
         "settings": keys,
         "clientapp-process": _process_start(data / "site-1" / "train.jsonl", args.repeats),
     }

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -118,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             "threads": _threads(),
             "repeats": args.repeats,
         },
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+        "machine": _hardware(),
         "results": results,
         "runs": runs,
         **ratios,
@@ -415,6 +414,13 @@ def _run_sft(data: Path, cfg: Any) -> tuple[float, int, int, int]:
     consumed = seen[: cfg.train.local_steps]
     examples, tokens, padded = (sum(column) for column in zip(*consumed, strict=True))
     return clock["end"] - clock["start"], examples, tokens, padded
+
+
+def _hardware() -> dict[str, Any]:
+    """The machine, read in this (parent) process after the measured children are done."""
+    from common.precision import hardware
+
+    return hardware()
 
 
 if __name__ == "__main__":

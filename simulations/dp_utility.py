@@ -17,7 +17,8 @@ import statistics
 import time
 from pathlib import Path
 
-from server.runlog import read_rounds, read_run, write_json
+from common.precision import hardware
+from server.runlog import read_rounds, read_run, run_compute, write_json
 from simulations.report import pooled_test_scores
 from simulations.run import run_simulation
 
@@ -57,11 +58,12 @@ def measure(noise: list[float], out: Path, clip: float | None) -> dict[str, obje
                 "round-1-update-norms": norms,
                 "rounds": len(rounds),
                 "seconds": round(seconds, 1),
+                "compute": run_compute(run_dir),
                 "run-dir": str(run_dir),
             }
         )
         print(json.dumps(rows[-1]), flush=True)
-    return {"config": str(CONFIG), "rows": rows}
+    return {"config": str(CONFIG), "hardware": hardware(), "rows": rows}
 
 
 def main() -> None:

@@ -17,7 +17,8 @@ import json
 import statistics
 from pathlib import Path
 
-from server.runlog import read_rounds, write_json
+from common.precision import hardware
+from server.runlog import read_rounds, run_compute, write_json
 from simulations.variants import f1_per_round, run_variant
 
 CONFIG = Path(__file__).parent / "configs" / "lora_modes.toml"
@@ -43,6 +44,7 @@ def run_one(federation: str, mode: str, seed: int, out: Path) -> dict[str, objec
         "bytes-down-per-round": statistics.mean(r["bytes-down"] for r in rounds),
         "energy-lost-per-round": [r["train"].get("lora-energy-lost") for r in rounds],
         "seconds": round(seconds, 1),
+        "compute": run_compute(run_dir),
         "run-dir": str(run_dir),
     }
     print(json.dumps(row), flush=True)
@@ -81,6 +83,7 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=Path("bench-results/lora_modes.json"))
     args = parser.parse_args()
     out = args.out.resolve()
+    hw = hardware()
     args.results.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, object]] = []
     for seed in args.seeds:  # the table so far is written after every run
@@ -88,7 +91,10 @@ def main() -> None:
             for mode in modes:
                 rows.append(run_one(federation, mode, seed, out))
                 summary = summarise(rows)
-                write_json(args.results, {"config": str(CONFIG), "summary": summary, "runs": rows})
+                write_json(
+                    args.results,
+                    {"config": str(CONFIG), "hardware": hw, "summary": summary, "runs": rows},
+                )
     for line in summary:
         print(json.dumps(line))
     print(f"wrote {args.results}")

@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from server.runlog import read_rounds, write_json
+from server.runlog import read_rounds, run_compute, write_json
 
 
 def round_overhead(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -57,7 +57,10 @@ def main() -> None:
     for run_dir in args.run_dirs:
         if not read_rounds(run_dir):
             parser.error(f"{run_dir}: no rounds in its metrics.jsonl; is it a run directory?")
-    result = {str(run_dir): round_overhead(read_rounds(run_dir)) for run_dir in args.run_dirs}
+    result = {
+        str(run_dir): {**round_overhead(read_rounds(run_dir)), "compute": run_compute(run_dir)}
+        for run_dir in args.run_dirs
+    }
     for run_dir, numbers in result.items():
         print(run_dir, numbers["overhead-share"], numbers["overhead-share-after-round-1"])
     write_json(args.out, result)

@@ -17,6 +17,7 @@ from typing import Any
 from common.config import FedtuneConfig
 from common.evaluation import evaluate, load_eval_file
 from common.model import load_adapted_model, set_threads
+from common.precision import resolve_compute
 from server.runlog import read_rounds, read_run
 
 log = logging.getLogger(__name__)
@@ -203,6 +204,8 @@ def write_report(
         f"{cfg.model.path}, LoRA r={cfg.lora.rank} on {cfg.lora.target_modules}. "
         f"Settings digest `{cfg.digest()[:12]}`.",
         "",
+        computed_in(run_dir, cfg),
+        "",
         *_privacy_line(run_dir, cfg),
         "## Test results at each site",
         "",
@@ -225,6 +228,19 @@ def write_report(
     path = run_dir / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def computed_in(run_dir: Path, cfg: FedtuneConfig) -> str:
+    """Where each number was computed and in which precision: the federated training at each
+    site (as it reported), the test scoring and the baselines on this machine."""
+    sites = read_run(run_dir).get("compute", {}).get("sites", {})
+    trained = "; ".join(f"{name} {c['device']}, {c['precision']}" for name, c in sites.items())
+    here = resolve_compute(cfg.model).describe()
+    return (
+        f"Computed in (model.precision `{cfg.model.precision}`): federated training at "
+        f"{trained or 'sites that did not report it'}; test scoring and baselines here, "
+        f"{here}."
+    )
 
 
 def _privacy_line(run_dir: Path, cfg: FedtuneConfig) -> list[str]:

@@ -32,7 +32,7 @@ from common.signing import PRIVATE_NAME, PUBLIC_NAME, create_signing_key
 from server.runlog import read_run, write_json
 from server.submit import absolute_paths, app_defaults, config_keys, resume_keys, submit
 from simulations.baseline import load_baselines, train_baselines
-from simulations.report import comparison, score_sites, write_report
+from simulations.report import comparison, computed_in, score_sites, write_report
 from simulations.synth import DEFAULT_MEAN_RECORDS, write_federation
 
 
@@ -109,6 +109,7 @@ def run_simulation(
     report = write_report(run_dir, scores, final, baselines, command)
     print("\nTest metrics on each site's held-out file: federated vs local-only vs centralised")
     print("\n".join(comparison(scores, baselines, command)))
+    print(computed_in(run_dir, final))
     print(f"\nreport: {report}")
     return run_dir
 

@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from server.runlog import read_rounds, write_json
+from common.precision import hardware
+from server.runlog import read_rounds, run_compute, write_json
 from simulations.processes import process_tree
 from simulations.run import run_simulation
 
@@ -101,6 +102,7 @@ def run_federation(sites: int, sampled: int, rounds: int, out: Path) -> dict[str
         "peak-rss-mb-all-processes": round(memory.total / 2**20),
         "peak-rss-mb-largest-process": round(memory.largest / 2**20),
         "sites-ok-per-round": [r["sites-ok"] for r in rows],
+        "compute": run_compute(run_dir),
         "run-dir": str(run_dir),
     }
 
@@ -123,7 +125,7 @@ def main() -> None:
             {
                 "command": " ".join(["python -m simulations.scale", *sys.argv[1:]]),
                 "settings": {**CONFIG, "federation.rounds": args.rounds, "sampled": args.sampled},
-                "machine-cpus": os.cpu_count(),
+                "hardware": hardware(),
                 "federations": rows,
             },
         )

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+from common.precision import hardware
 from server.checkpoint import read_checkpoint
-from server.runlog import read_rounds, write_json
+from server.runlog import read_rounds, run_compute, write_json
 from simulations.report import pooled_test_scores
 from simulations.run import run_simulation
 
@@ -45,6 +46,7 @@ def run_one(name: str, override: Path, out: Path) -> tuple[dict[str, object], Pa
         "test-f1": scores["f1"],
         "test-auroc": scores["auroc"],
         "run-seconds": round(seconds, 1),
+        "compute": run_compute(run_dir),
         "run-dir": str(run_dir),
     }
     print(json.dumps(row), flush=True)
@@ -78,6 +80,7 @@ def measure(out: Path) -> dict[str, object]:
     )  # type: ignore[arg-type]
     return {
         "config": str(CONFIG),
+        "hardware": hardware(),
         "rows": [plain, secure],
         "secure-over-plain": {
             "median-round-seconds": round(ratio, 3),

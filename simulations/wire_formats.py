@@ -23,7 +23,8 @@ import json
 import statistics
 from pathlib import Path
 
-from server.runlog import read_rounds, write_json
+from common.precision import hardware
+from server.runlog import read_rounds, run_compute, write_json
 from simulations.variants import f1_per_round, run_variant
 
 CONFIG = Path(__file__).parent / "configs" / "default.toml"
@@ -59,6 +60,7 @@ def run_one(name: str, seed: int, out: Path) -> dict[str, object]:
         "bytes-up-per-site-round": statistics.mean(r["bytes-up"] for r in rounds) / sites,
         "test-f1-per-round": f1_per_round(run_dir),
         "seconds": round(seconds, 1),
+        "compute": run_compute(run_dir),
         "run-dir": str(run_dir),
     }
     print(json.dumps(row), flush=True)
@@ -120,6 +122,7 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=Path("bench-results/wire_formats.json"))
     args = parser.parse_args()
     out = args.out.resolve()
+    hw = hardware()
     args.results.parent.mkdir(parents=True, exist_ok=True)
     rows = _earlier_runs(args.results, {(f, s) for f in args.formats for s in args.seeds})
     summary: list[dict[str, object]] = []
@@ -127,7 +130,10 @@ def main() -> None:
         for name in args.formats:
             rows.append(run_one(name, seed, out))
             summary = summarise(rows)
-            write_json(args.results, {"config": str(CONFIG), "summary": summary, "runs": rows})
+            write_json(
+                args.results,
+                {"config": str(CONFIG), "hardware": hw, "summary": summary, "runs": rows},
+            )
     for line in summary:
         print(json.dumps(line))
     print(f"wrote {args.results}")

@@ -14,7 +14,7 @@ from test_federation import HandlerGrid, _config, _run
 
 from common.sitename import SITE_KEY, site_name
 from server.card import CARD_JSON, CARD_MD, build_card
-from server.replies import told_name
+from server.replies import told_compute, told_name
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -47,8 +47,17 @@ def test_a_finished_run_writes_a_card_with_its_making_and_no_record_text(
     for node, site in by_node.items():
         assert site["rounds"] == 2
         assert site["num-examples"] == rows[-1]["sites"][node]["train"]["num-examples"]
+        # what each site computed in, as it reported (the default `auto` is fp32 on a CPU)
+        assert site["compute"] == {"device": "cpu", "precision": "fp32"}
+        assert rows[-1]["sites"][node]["compute"] == site["compute"]
+    assert card["compute"]["model.precision"] == "auto"
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["compute"]["coordinator"] == {"device": "cpu", "precision": "fp32"}
+    assert run["compute"]["sites"]["st-marys"] == {"device": "cpu", "precision": "fp32"}
+    assert run["compute"]["sites"]["777"] == {"device": "cpu", "precision": "fp32"}  # no name
     markdown = (run_dir / CARD_MD).read_text()
-    assert "| st-marys | 2 |" in markdown and card["adapter"]["sha256"] in markdown
+    assert "| st-marys | cpu, fp32 | 2 |" in markdown and card["adapter"]["sha256"] in markdown
+    assert "model.precision `auto`" in markdown
     for written in (run_dir / CARD_JSON, run_dir / CARD_MD):
         assert CANARY not in written.read_text()
     assert build_card(run_dir) == card  # rebuilt from the run's own records
@@ -68,3 +77,22 @@ def test_the_coordinator_keeps_only_well_formed_names(told: object, kept: str | 
     content = RecordDict({SITE_KEY: ConfigRecord({"name": told})})  # type: ignore[dict-item]
     sent = Message(RecordDict(), dst_node_id=1, message_type="train")
     assert told_name(Message(content, reply_to=sent)) == kept
+
+
+@pytest.mark.parametrize(
+    ("device", "precision", "kept"),
+    [
+        ("cuda", "bf16", {"device": "cuda", "precision": "bf16"}),
+        ("cpu", "fp32", {"device": "cpu", "precision": "fp32"}),
+        ("cpu", "Jane Doe", None),  # free text from a site never reaches the records
+        ("tpu", "fp32", None),
+        ("cpu", 16, None),
+    ],
+)
+def test_the_coordinator_keeps_only_known_devices_and_precisions(
+    device: str, precision: object, kept: dict[str, str] | None
+) -> None:
+    told = {"name": "st-marys", "device": device, "precision": precision}
+    content = RecordDict({SITE_KEY: ConfigRecord(told)})  # type: ignore[arg-type]
+    sent = Message(RecordDict(), dst_node_id=1, message_type="train")
+    assert told_compute(Message(content, reply_to=sent)) == kept

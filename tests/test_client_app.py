@@ -21,6 +21,7 @@ from common.adapter import get_adapter_state
 from common.config import load_config
 from common.model import build_model
 from common.signing import adapter_digest
+from common.sitename import SITE_KEY
 from common.wire import from_record, to_record
 
 
@@ -72,7 +73,9 @@ def test_train_replies_with_adapter_and_numbers_only(run_config, text_file: Path
     reply = train(
         _message("train", to_record(start), **{"server-round": 1}), _context(run_config, text_file)
     )
-    assert set(reply.content.keys()) == {"arrays", "metrics"}
+    assert set(reply.content.keys()) == {"arrays", "metrics", SITE_KEY}
+    # two words from a fixed vocabulary: where and in which precision the site trained
+    assert dict(reply.content[SITE_KEY]) == {"device": "cpu", "precision": "fp32"}
     updated = from_record(reply.content["arrays"])
     assert set(updated) == set(start)
     assert any(not torch.equal(updated[k], start[k]) for k in start), "training changed nothing"

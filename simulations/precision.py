@@ -1,0 +1,164 @@
+"""Training precision against model quality and speed: the default federation (3 hospitals,
+MiniLM, LoRA r=8, 3 rounds) trained in fp32 and in bf16 autocast with the same seeds, each
+final adapter scored on every site's held-out test file in fp32 and in bf16. Writes
+bench-results/precision.json and prints the table. On a CPU without native bf16 the bf16
+runs are many times slower (emulated); run it where `native-bf16` comes out true.
+
+    python -m simulations.precision                        # seeds 0 1 2
+    python -m simulations.precision --seeds 3 --out runs/precision
+
+Runs already in the results file are kept (a precision and seed run again replace theirs).
+
+AUROC and F1 are pooled: the mean of the three sites' test values, weighted by their test
+records (600 in all). Speed is the sites' own training throughput (examples per second,
+averaged over sites and rounds after the first) and the federation's wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from common.config import load_config
+from common.precision import hardware
+from server.runlog import read_rounds, read_run, write_json
+from simulations.report import pooled, score_sites
+from simulations.variants import run_variant
+
+CONFIG = Path(__file__).parent / "configs" / "default.toml"
+PRECISIONS = ("fp32", "bf16")
+T_975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
+"""Two-sided 95% Student t quantiles by degrees of freedom (seeds - 1)."""
+
+
+def run_one(precision: str, seed: int, out: Path) -> dict[str, object]:
+    """One run; its test scores in both scoring precisions and its training speed."""
+    keys = {"model.precision": precision, "train.seed": seed, "lora.init-seed": seed}
+    run_dir, seconds = run_variant(CONFIG, keys, out, f"{precision}-seed{seed}")
+    config = read_run(run_dir)["config"]
+    data_dir = Path(load_config(config).simulation.data_dir)
+    scored = {}
+    for scoring in PRECISIONS:
+        cfg = load_config({**config, "model.precision": scoring})
+        means = pooled(score_sites(run_dir / "adapter", cfg, data_dir))
+        scored[scoring] = {k: round(means[k], 4) for k in ("auroc", "f1")}
+    rounds = read_rounds(run_dir)
+    speeds = [
+        site["train"]["examples-per-second"]
+        for row in rounds[1:] or rounds
+        for site in row["sites"].values()
+        if "examples-per-second" in site.get("train", {})
+    ]
+    row = {
+        "precision": precision,
+        "seed": seed,
+        "test-scored-fp32": scored["fp32"],
+        "test-scored-bf16": scored["bf16"],
+        "site-examples-per-second": round(statistics.mean(speeds), 2),
+        "round-seconds": [r["round-seconds"] for r in rounds],
+        "seconds": round(seconds, 1),
+        "run-dir": str(run_dir),
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def _interval(values: list[float]) -> dict[str, object]:
+    """Mean, 95% t-interval over seeds, and the values themselves."""
+    mean = statistics.mean(values)
+    half = T_975[len(values) - 1] * statistics.stdev(values) / len(values) ** 0.5
+    return {
+        "mean": round(mean, 4),
+        "ci95": [round(mean - half, 4), round(mean + half, 4)],
+        "per-seed": [round(v, 4) for v in values],
+    }
+
+
+def summarise(rows: list[dict]) -> dict[str, object]:
+    """Per precision, means over seeds; and bf16 minus fp32 paired by seed."""
+    by = {(r["precision"], r["seed"]): r for r in rows}
+    seeds = sorted({s for p, s in by if all((q, s) in by for q in PRECISIONS)})
+    if not seeds:
+        return {}
+    summary: dict[str, object] = {"seeds": seeds}
+    for precision in PRECISIONS:
+        runs = [by[precision, s] for s in seeds]
+        summary[precision] = {
+            "test-auroc-scored-fp32": round(
+                statistics.mean(r["test-scored-fp32"]["auroc"] for r in runs), 4
+            ),
+            "test-f1-scored-fp32": round(
+                statistics.mean(r["test-scored-fp32"]["f1"] for r in runs), 4
+            ),
+            "site-examples-per-second": round(
+                statistics.mean(r["site-examples-per-second"] for r in runs), 2
+            ),
+            "seconds": round(statistics.mean(r["seconds"] for r in runs), 1),
+        }
+    if len(seeds) > 1:
+        for metric in ("auroc", "f1"):
+            summary[f"{metric}-bf16-minus-fp32-trained"] = _interval(
+                [
+                    by["bf16", s]["test-scored-fp32"][metric]
+                    - by["fp32", s]["test-scored-fp32"][metric]
+                    for s in seeds
+                ]
+            )
+        summary["auroc-bf16-minus-fp32-scored"] = _interval(
+            [
+                by[p, s]["test-scored-bf16"]["auroc"] - by[p, s]["test-scored-fp32"]["auroc"]
+                for p in PRECISIONS
+                for s in seeds
+            ]
+        )
+        summary["training-speedup-bf16"] = round(
+            statistics.mean(
+                by["bf16", s]["site-examples-per-second"]
+                / by["fp32", s]["site-examples-per-second"]
+                for s in seeds
+            ),
+            2,
+        )
+    return summary
+
+
+def _earlier_runs(results: Path, redone: set[tuple[str, int]]) -> list[dict]:
+    if not results.is_file():
+        return []
+    rows = json.loads(results.read_text()).get("runs", [])
+    return [r for r in rows if (r["precision"], r["seed"]) not in redone]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", type=Path, default=Path("runs/precision"))
+    parser.add_argument("--results", type=Path, default=Path("bench-results/precision.json"))
+    args = parser.parse_args()
+    out = args.out.resolve()
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    rows = _earlier_runs(args.results, {(p, s) for p in PRECISIONS for s in args.seeds})
+    summary: dict[str, object] = {}
+    for seed in args.seeds:  # the table so far is written after every run
+        for precision in PRECISIONS:
+            rows.append(run_one(precision, seed, out))
+            summary = summarise(rows)
+            write_json(
+                args.results,
+                {
+                    "benchmark": "training precision: quality and speed",
+                    "command": "python -m simulations.precision",
+                    "config": str(CONFIG),
+                    "hardware": hardware(),
+                    "summary": summary,
+                    "runs": rows,
+                },
+            )
+    print(json.dumps(summary, indent=1))
+    print(f"wrote {args.results}")
+
+
+if __name__ == "__main__":
+    main()
