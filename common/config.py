@@ -50,9 +50,11 @@ class ModelSettings(_Section):
     """Number of classes of the classification head."""
 
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """Autocast precision for training and evaluation; `auto` is bf16 where the device
-    computes it natively (most CUDA GPUs, CPUs with AVX512-BF16 or AMX) and fp32 elsewhere.
-    Adapters always travel as fp32 or fp16."""
+    """Autocast precision for training and evaluation. `auto` is bf16 on a CUDA GPU that
+    computes it natively and fp32 elsewhere, every CPU included, so that CPU runs give the
+    same numbers on machines with and without AVX512-BF16 (common/precision.py says why);
+    `bf16` asks for it anyway. Every run records what it used. Adapters always travel as
+    fp32 or fp16."""
 
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30% more compute."""

@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import CANARY, plant_canary, write_jsonl
@@ -14,11 +15,12 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from client.cli import EXIT_INVALID, EXIT_OK, main
-from client.inference import load_inputs
+from client.inference import Sampling, load_inputs, predict
 from common.adapter import get_adapter_state, load_adapter, save_adapter
+from common.batches import Tokenized
 from common.config import load_config
-from common.evaluation import evaluate, load_eval_file
-from common.model import build_model, load_tokenizer
+from common.evaluation import evaluate, load_eval_file, score
+from common.model import build_model, load_adapted_model, load_tokenizer
 from common.records import DataError
 
 MAX_LENGTH = 32
@@ -62,9 +64,11 @@ def llama_adapter(tiny_llama_dir: Path, tmp_path: Path) -> Path:
 
 
 def _site_config(path: Path, model_dir: Path, *lines: str) -> Path:
-    """Settings a site has: the base model and data settings, no LoRA shape."""
-    text = f'model.path = "{model_dir}"\ndata.max-length = {MAX_LENGTH}\n' + "".join(
-        f"{line}\n" for line in lines
+    """Settings a site has: the base model and data settings, no LoRA shape; fp32, as the
+    references these tests compare with compute in (`auto` is bf16 on a GPU)."""
+    text = (
+        f'model.path = "{model_dir}"\ndata.max-length = {MAX_LENGTH}\nmodel.precision = "fp32"\n'
+        + "".join(f"{line}\n" for line in lines)
     )
     path.write_text(text)
     return path
@@ -250,10 +254,14 @@ def test_evaluate_scores_all_records_and_each_subgroup_as_evaluating_it_alone(
     printed = capsys.readouterr().out
     summary = json.loads(out.read_text())
 
-    cfg = load_config({"model.path": str(tiny_bert_dir), "data.max-length": MAX_LENGTH})
+    cfg = load_config(
+        {"model.path": str(tiny_bert_dir), "data.max-length": MAX_LENGTH, "model.precision": "fp32"}
+    )
     reference = _reference_classifier(tiny_bert_dir, bert_adapter)
     expected = evaluate(reference, load_eval_file(grouped_notes, cfg), cfg)
     assert summary["records"] == 96
+    assert summary["compute"] == {"device": "cpu", "precision": "fp32"}
+    assert "computing on cpu, fp32" in printed
     assert set(summary["metrics"]) == set(expected)
     assert all(_same(summary["metrics"][k], v) for k, v in expected.items()), summary["metrics"]
     assert "f1" in printed and f"auroc {expected['auroc']:.4f}" in printed
@@ -285,6 +293,55 @@ def test_evaluate_scores_all_records_and_each_subgroup_as_evaluating_it_alone(
     assert "not scored: a single class" in lines["cardiology"]
     f1 = groups["age_band", "18-39"]["metrics"]["f1"]
     assert f"{f1:.4f}" in lines["18-39"] and "not scored" not in lines["18-39"]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_records_probabilities_do_not_depend_on_its_batch_mates(
+    precision: str, tiny_bert_dir: Path, bert_adapter: Path, text_file: Path
+) -> None:
+    """Scored with all records, alone, or in other batches: the same numbers, in bf16 too
+    (where a batch that needs padding, and so an attention mask, changes every record's
+    logits in it by up to ~1e-3)."""
+    cfg = load_config(
+        {"model.path": str(tiny_bert_dir), "data.max-length": 64, "model.precision": precision}
+    )
+    model = load_adapted_model(bert_adapter, cfg)
+    data = load_eval_file(text_file, cfg)
+    assert len(set(data.lengths.tolist())) > 5  # lengths vary: batches would need padding
+    together = score(model, data, cfg, batch_size=32).probs
+    picked = [i for i in range(len(data)) if i % 3 == 0]
+    subset = Tokenized([data.input_ids[i] for i in picked], [0] * len(picked), data.pad_id)
+    assert together is not None
+    np.testing.assert_allclose(
+        score(model, subset, cfg, batch_size=5).probs, together[picked], rtol=0, atol=1e-6
+    )
+    one_by_one = [
+        score(model, Tokenized([data.input_ids[i]], [0], data.pad_id), cfg, batch_size=1).probs
+        for i in picked
+    ]
+    np.testing.assert_allclose(np.concatenate(one_by_one), together[picked], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_prompts_completion_does_not_depend_on_its_batch_mates(
+    precision: str, tiny_llama_dir: Path, llama_adapter: Path, tmp_path: Path
+) -> None:
+    cfg = load_config(
+        {
+            "model.path": str(tiny_llama_dir),
+            "model.task": "causal-lm",
+            "data.max-length": MAX_LENGTH,
+            "model.precision": precision,
+        }
+    )
+    rows = [{"prompt": "note " + "stable " * (i % 5) + f"bed {i} risk ?"} for i in range(12)]
+    records = load_inputs(write_jsonl(tmp_path / "prompts.jsonl", rows), cfg)
+    model = load_adapted_model(llama_adapter, cfg)
+    greedy = Sampling(max_new_tokens=8)
+    together = predict(model, records, cfg, batch_size=12, sampling=greedy)
+    alone = [predict(model, [r], cfg, batch_size=1, sampling=greedy)[0] for r in records]
+    assert together == alone
+    assert any(c.completion for c in alone)  # type: ignore[union-attr]
 
 
 def test_no_record_content_reaches_output_or_files(

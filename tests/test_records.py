@@ -174,6 +174,16 @@ def test_length_grouping_cuts_padding() -> None:
     assert batch_order(lengths, 16, shuffle=True, seed=1)[0].tolist() != grouped[0].tolist()
 
 
+def test_evaluation_batches_hold_one_length_each_so_nothing_is_padded() -> None:
+    lengths = np.array([5, 9, 5, 7, 9, 9, 5, 12, 5, 5, 7])
+    batches = batch_order(lengths, 3, shuffle=False)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(len(lengths)))
+    assert all(len(set(lengths[b].tolist())) == 1 and len(b) <= 3 for b in batches)
+    assert [int(lengths[b[0]]) for b in batches] == [12, 9, 7, 5, 5]  # longest first
+    assert [len(b) for b in batches] == [1, 3, 2, 3, 2]
+    assert batch_order(np.array([], dtype=np.int64), 4, shuffle=False) == []
+
+
 def test_instruction_labels_cover_only_the_completion(minilm_dir: Path) -> None:
     tokenizer = load_tokenizer(minilm_dir)
     record = InstructRecord(row=1, segments=(("is the risk high ?", False), ("yes", True)))

@@ -112,6 +112,8 @@ def test_report_has_the_table_rounds_and_valid_png_plots(tmp_path: Path) -> None
     text = report.read_text()
     assert "| site | test records | federated F1 | federated AUROC | local only F1" in text
     assert "`fedtune-sim baseline --mode centralized`" in text
+    assert "federated training at sites that did not report it" in text  # no run.json here
+    assert "model.precision `auto`" in text and "here, cpu, fp32" in text
     # the rounds table: sites ok/asked, dropped count, totals in MB up and down
     assert "| 2 | 2/3 | 1 | 0.5000 | n/a | n/a | n/a | 3.00 | 3.00 | 10.0 |" in text
     assert "| 3 | 3/3 | 0 | 0.4000 | 0.600 | 0.800 | 0.750 | 3.00 | 4.50 | 10.0 |" in text

@@ -48,6 +48,11 @@ def test_two_sites_two_rounds_write_the_run_directory(tiny_bert_dir: Path, tmp_p
     report = (run_dir / "report.md").read_text()
     assert "| site-1 |" in report and "| site-2 |" in report and "all (weighted)" in report
     assert "local only F1" in report and "centralised F1" in report and "not run" not in report
+    # where each number was computed: both simulated sites told theirs, scoring ran here
+    assert "federated training at site-1 cpu, fp32; site-2 cpu, fp32;" in report
+    assert "test scoring and baselines here, cpu, fp32" in report
+    baseline = json.loads((out.parent / "baseline-local.json").read_text())
+    assert baseline["settings"]["compute"] == {"device": "cpu", "precision": "fp32"}
     assert (out.parent / "baseline-local.json").is_file()
     assert all((run_dir / "plots" / name).is_file() for name in ("train-loss.png", "traffic.png"))
     # The private SuperLink was stopped: no process of ours still holds its database.

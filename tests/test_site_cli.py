@@ -104,7 +104,9 @@ def test_train_writes_adapter_and_metrics(
     assert code == EXIT_OK
     printed = capsys.readouterr().out
     assert "untrained" in printed and "epoch 2/2" in printed and "test" in printed
+    assert "computing on cpu, fp32" in printed  # auto: fp32 on every CPU
     summary = json.loads(metrics.read_text())
+    assert summary["compute"] == {"device": "cpu", "precision": "fp32"}
     assert [e["epoch"] for e in summary["validation"]] == [0, 1, 2]
     assert {"f1", "auroc", "accuracy", "loss"} <= set(summary["test"])
     state, adapter_config = load_adapter(out)
