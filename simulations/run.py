@@ -33,7 +33,7 @@ from server.runlog import read_run, write_json
 from server.submit import absolute_paths, app_defaults, config_keys, resume_keys, submit
 from simulations.baseline import load_baselines, train_baselines
 from simulations.report import comparison, computed_in, score_sites, write_report
-from simulations.synth import DEFAULT_MEAN_RECORDS, write_federation
+from simulations.synth import DEFAULT_MEAN_RECORDS, ForeignDirectory, check_ours, write_federation
 
 
 class SimulationError(FlowerProcessError):
@@ -134,6 +134,10 @@ def ensure_federation(cfg: FedtuneConfig) -> Path:
     data_dir = _absolute(sim.data_dir)
     summary = data_dir / "federation.json"
     if not summary.is_file():
+        try:
+            check_ours(data_dir)
+        except ForeignDirectory as e:
+            raise SimulationError(f"simulation.data-dir: {e}") from e
         print(f"writing a synthetic federation of {sim.num_sites} sites to {data_dir}")
         write_federation(
             data_dir,

@@ -452,6 +452,33 @@ def generate_site(profile: SiteProfile, seed: int = 0) -> SiteData:
     )
 
 
+class ForeignDirectory(ValueError):
+    """A directory to write a synthetic federation into holds files fedtune did not make."""
+
+
+def check_ours(out_dir: Path) -> None:
+    """Refuse (ForeignDirectory) a directory that holds files but no synthetic federation."""
+    if not out_dir.is_dir() or made_here(out_dir):
+        return
+    found = sorted(p.name + ("/" if p.is_dir() else "") for p in out_dir.iterdir())
+    if found:
+        shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+        raise ForeignDirectory(
+            f"{out_dir} holds files fedtune did not make ({shown}) and no federation.json of a "
+            "synthetic federation; nothing was written there. Give a new or empty directory "
+            "for a synthetic federation"
+        )
+
+
+def made_here(out_dir: Path) -> bool:
+    """Whether OUT/federation.json is the summary of a synthetic federation we wrote."""
+    try:
+        summary = json.loads((out_dir / "federation.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(summary, dict) and {"seed", "sites", "risk_model"} <= set(summary)
+
+
 def _write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # synthetic data, so readable by others (mkstemp alone would make it owner-only)
@@ -491,10 +518,15 @@ def write_federation(
     test_records: int = 200,
     heterogeneity: float = 1.0,
 ) -> FederationSummary:
-    """Write OUT/site-N/{train,test,instruct-train,instruct-test}.jsonl and OUT/federation.json."""
+    """Write OUT/site-N/{train,test,instruct-train,instruct-test}.jsonl and OUT/federation.json.
+
+    OUT must be new, empty, or a synthetic federation written here before (it has our
+    federation.json): a directory holding anything else may hold someone's records, and is
+    refused (ForeignDirectory) with nothing written."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, "exists and is not a directory", str(out_dir))
+    check_ours(out_dir)
     summaries = []
     profiles = site_profiles(num_sites, seed, records_per_site, test_records, heterogeneity)
     for profile in profiles:

@@ -295,6 +295,37 @@ def test_write_federation_rejects_bad_arguments(tmp_path: Path) -> None:
     assert not any(tmp_path.iterdir())
 
 
+def test_a_directory_of_someone_elses_records_is_never_written_into(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Site folders without our federation.json: `fedtune-sim data` and `fedtune-sim run`
+    (which makes the synthetic federation when simulation.data-dir has none) refuse them,
+    naming the directory, and leave every file as it was."""
+    theirs = tmp_path / "hospitals"
+    (theirs / "site-1").mkdir(parents=True)
+    (theirs / "site-1" / "train.jsonl").write_text('{"text": "their note", "label": 1}\n')
+    (theirs / "notes.csv").write_text("text,label\nanother note,0\n")
+    before = all_files(theirs)
+
+    with pytest.raises(synth.ForeignDirectory, match="hospitals holds files fedtune did not"):
+        synth.write_federation(theirs, num_sites=2, seed=0, records_per_site=20)
+    assert main(["data", "--sites", "2", "--out", str(theirs)]) == 1
+    err = capsys.readouterr().err
+    assert f"{theirs} holds files fedtune did not make (notes.csv, site-1/)" in err
+    config = tmp_path / "own-data.toml"
+    config.write_text(f'simulation.data-dir = "{theirs}"\n')
+    assert main(["run", "--config", str(config), "--out", str(tmp_path / "runs")]) == 1
+    err = capsys.readouterr().err
+    assert "simulation.data-dir" in err and f"{theirs} holds files" in err
+    assert "their note" not in err and "Traceback" not in err
+    assert all_files(theirs) == before
+
+    ours = tmp_path / "synthetic"  # one written before is ours to write again
+    synth.write_federation(ours, num_sites=2, seed=0, records_per_site=20)
+    synth.write_federation(ours, num_sites=2, seed=1, records_per_site=20)
+    assert json.loads((ours / "federation.json").read_text())["seed"] == 1
+
+
 def test_the_site_phi_scanner_reports_nothing(federation: Path) -> None:
     phi = pytest.importorskip("client.phi")
     for site in sorted(federation.glob("site-*")):
