@@ -27,10 +27,12 @@ from typing import TYPE_CHECKING
 
 from common.config import ConfigError, FedtuneConfig, load_config
 from common.keyfiles import KeyFileError
-from common.records import DataError, Row, read_rows, string_fields, validate_rows
+from common.records import DataError, Record, Row, read_rows, string_fields, validate_rows
 
 if TYPE_CHECKING:
     from tqdm import tqdm
+
+    from common.lengths import Lengths
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_IDENTIFIERS = 0, 1, 2, 3
 
@@ -310,6 +312,7 @@ def _check(args: argparse.Namespace) -> int:
                 for k, n in sorted(labels.items())
             )
             print(f"  labels: {shares}")
+        print(f"  {_lengths(records, cfg).summary()}")
     if report.clean:
         print(f"{name}: no likely identifiers found in {report.rows_scanned} records")
     else:
@@ -320,6 +323,14 @@ def _check(args: argparse.Namespace) -> int:
     if problems or not records:
         return EXIT_INVALID
     return EXIT_OK if report.clean else EXIT_IDENTIFIERS
+
+
+def _lengths(records: list[Record], cfg: FedtuneConfig) -> Lengths:
+    from common.lengths import measure_lengths
+    from common.model import load_tokenizer, resolve_model_path
+
+    tokenizer = load_tokenizer(resolve_model_path(cfg.model.path))
+    return measure_lengths(records, tokenizer, cfg.data.max_length)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -350,6 +361,7 @@ def _train(args: argparse.Namespace) -> int:
         f"{len(site.test)} test records; {epochs} epochs of {per_epoch} steps on "
         f"{threads} threads"
     )
+    print(f"  {site.lengths.summary()}")
     model = build_model(run_cfg)
     compute = compute_of(model, run_cfg.model)
     print(f"computing on {compute.describe()}")

@@ -12,6 +12,7 @@ from transformers import PreTrainedTokenizerBase
 from client.split import site_splits
 from common.batches import Tokenized, tokenize
 from common.config import FedtuneConfig
+from common.lengths import Lengths, measure_lengths
 from common.model import load_tokenizer, resolve_model_path
 from common.records import Record, TextRecord, load_records
 
@@ -27,6 +28,8 @@ class SiteData:
     test: Tokenized
     label_counts: dict[int, int]
     """Records per class over the whole file (empty for instruction data)."""
+    lengths: Lengths
+    """The file's record lengths in tokens against data.max-length."""
 
 
 _CACHE: dict[tuple[object, ...], SiteData] = {}
@@ -49,6 +52,8 @@ def load_site(path: Path, cfg: FedtuneConfig) -> SiteData:
             len(site.val),
             len(site.test),
         )
+        if site.lengths.over:
+            log.info("%s: %s", path.name, site.lengths.summary())
     return _CACHE[key]
 
 
@@ -65,4 +70,5 @@ def _prepare(records: list[Record], cfg: FedtuneConfig) -> SiteData:
         val=tokenize(splits.val, tokenizer, cfg.data.max_length),
         test=tokenize(splits.test, tokenizer, cfg.data.max_length),
         label_counts=dict(sorted(labels.items())),
+        lengths=measure_lengths(records, tokenizer, cfg.data.max_length),
     )

@@ -51,6 +51,24 @@ def tokenize(
     return Tokenized([ids for ids, _ in pairs], [labels for _, labels in pairs], pad_id)
 
 
+def token_lengths(records: Sequence[Record], tokenizer: PreTrainedTokenizerBase) -> np.ndarray:
+    """Each record's length in tokens as `tokenize` would make it without truncation."""
+    texts = [r.text for r in records if isinstance(r, TextRecord)]
+    if texts:
+        # verbose=False: no warning for texts beyond the model's own limit; we only count
+        encoded = tokenizer(texts, truncation=False, verbose=False)["input_ids"]
+        return np.fromiter((len(ids) for ids in encoded), dtype=np.int64, count=len(texts))
+    unlimited = 1 << 30
+    return np.fromiter(
+        (
+            len(_instruct_ids(r, tokenizer, unlimited)[0])
+            for r in records
+            if isinstance(r, InstructRecord)
+        ),
+        dtype=np.int64,
+    )
+
+
 def _instruct_ids(
     record: InstructRecord, tokenizer: PreTrainedTokenizerBase, max_length: int
 ) -> tuple[list[int], list[int]]:

@@ -13,6 +13,7 @@ import pytest
 from client.split import split_records
 from common.batches import IGNORE, batch_order, collate, tokenize
 from common.config import load_config
+from common.lengths import measure_lengths
 from common.model import load_tokenizer
 from common.records import DataError, InstructRecord, TextRecord, load_records
 
@@ -182,6 +183,22 @@ def test_evaluation_batches_hold_one_length_each_so_nothing_is_padded() -> None:
     assert [int(lengths[b[0]]) for b in batches] == [12, 9, 7, 5, 5]  # longest first
     assert [len(b) for b in batches] == [1, 3, 2, 3, 2]
     assert batch_order(np.array([], dtype=np.int64), 4, shuffle=False) == []
+
+
+def test_lengths_count_the_records_truncation_cuts(minilm_dir: Path) -> None:
+    tokenizer = load_tokenizer(minilm_dir)
+    texts = ["short note", "a somewhat longer note about the patient " * 3, "word " * 300]
+    records = [TextRecord(row=i + 1, text=t, label=0) for i, t in enumerate(texts)]
+    full = [len(tokenizer(t)["input_ids"]) for t in texts]  # with [CLS] and [SEP]
+    lengths = measure_lengths(records, tokenizer, max_length=16)
+    assert lengths.over == sum(n > 16 for n in full) == 2 and lengths.longest == max(full)
+    assert lengths.median == sorted(full)[1] and lengths.records == 3
+    assert "2 of 3 records (67%) are longer than data.max-length 16 tokens" in lengths.summary()
+    assert tokenize(records, tokenizer, 16).lengths.tolist() == [min(n, 16) for n in full]
+    prompt = InstructRecord(row=1, segments=(("why " * 40, False), ("yes", True)))
+    instruct = measure_lengths([prompt], tokenizer, max_length=16)
+    assert instruct.over == 1 and "use the last 16 tokens" in instruct.summary()
+    assert measure_lengths(records[:1], tokenizer, 16).over == 0
 
 
 def test_instruction_labels_cover_only_the_completion(minilm_dir: Path) -> None:

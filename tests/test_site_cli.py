@@ -38,6 +38,27 @@ def test_check_passes_a_clean_file(tmp_path: Path, capsys: pytest.CaptureFixture
     out = capsys.readouterr().out
     assert "20 records, valid for classification" in out
     assert "no likely identifiers found" in out
+    assert "lengths: every record within data.max-length 128 tokens" in out
+
+
+def test_check_and_train_say_how_many_notes_are_cut_and_by_how_much(
+    tiny_bert_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    notes = _notes(20)
+    for i in (1, 4, 9, 16):  # 4 of 20 notes far beyond 32 tokens
+        notes[i]["text"] += " The patient was reviewed on the ward." * 12
+    path = write_jsonl(tmp_path / "long.jsonl", notes)
+    config = tmp_path / "site.toml"
+    config.write_text(
+        f'model.path = "{tiny_bert_dir}"\ndata.max-length = 32\ntrain.local-steps = 1\n'
+    )
+    assert main(["check", "--data", str(path), "--config", str(config)]) == EXIT_OK
+    out = capsys.readouterr().out
+    cut = "4 of 20 records (20%) are longer than data.max-length 32 tokens"
+    assert cut in out and "use the first 32 tokens of each" in out
+    assert "ward" not in out and "pneumonia" not in out  # counts only, never text
+    assert main(["train", "--data", str(path), "--config", str(config)]) == EXIT_OK
+    assert cut in capsys.readouterr().out
 
 
 def test_check_flags_planted_identifiers_without_printing_them(
