@@ -55,9 +55,11 @@ class Compute:
         return {"device": self.device, "precision": self.precision}
 
     def describe(self) -> str:
-        """For people: `cpu, fp32` or `cuda, bf16 autocast`, and emulated bf16 flagged."""
+        """For people: `cpu, fp32` or `cuda, bf16 autocast`; emulated bf16 flagged, and fp32
+        where the device could compute bf16 natively."""
         if self.precision == "fp32":
-            return f"{self.device}, fp32"
+            faster = ' (native bf16 here: model.precision = "bf16" is faster)'
+            return f"{self.device}, fp32" + (faster if self.native_bf16 else "")
         native = "" if self.native_bf16 else " (emulated: no native bf16)"
         return f"{self.device}, bf16 autocast{native}"
 

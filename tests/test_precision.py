@@ -64,7 +64,8 @@ def test_bf16_is_bf16_everywhere_and_warns_once_where_it_is_emulated(
 
 def test_what_a_result_records_is_two_words(native: bool) -> None:
     assert Compute("cuda", "bf16", native).fields() == {"device": "cuda", "precision": "bf16"}
-    assert Compute("cpu", "fp32", native).describe() == "cpu, fp32"
+    hint = ' (native bf16 here: model.precision = "bf16" is faster)' if native else ""
+    assert Compute("cpu", "fp32", native).describe() == "cpu, fp32" + hint
 
 
 def test_a_built_model_computes_in_what_its_settings_resolve_to(tiny_bert_dir: Path) -> None:
