@@ -1,12 +1,15 @@
-"""What a federation is judged against: each site training alone, and all sites' records pooled.
+"""What a federation is judged against: each site training alone (`local`), all sites'
+records pooled (`centralized`), and, for classification, two references that need no
+fine-tuning (`tfidf`, `probe`: simulations/references.py).
 
-    fedtune-sim baseline --mode both [--config simulations/configs/NAME.toml] [--out runs/sim]
+    fedtune-sim baseline --mode all [--config simulations/configs/NAME.toml] [--out runs/sim]
 
-Both start from the shared initial adapter and get the federation's budget: `federation.rounds`
-training calls on one learning-rate schedule spanning them, each of `steps_per_call` steps,
-exactly as a site trains across rounds, so every record is seen as often as in the federation.
-Results go to OUT/baseline-{mode}.json with a digest of the settings that shape them and the
-sha256 of DATA_DIR/federation.json; a later run with the same settings and data reuses them.
+The LoRA baselines start from the shared initial adapter and get the federation's budget:
+`federation.rounds` training calls on one learning-rate schedule spanning them, each of
+`steps_per_call` steps, exactly as a site trains across rounds, so every record is seen as
+often as in the federation. Results go to OUT/baseline-{mode}.json, with every test record's
+label and class probabilities, a digest of the settings that shape them and the sha256 of
+DATA_DIR/federation.json; a later run with the same settings and data reuses them.
 """
 
 from __future__ import annotations
@@ -30,15 +33,17 @@ from client.train import TrainResult, schedule_over, steps_per_call, train_local
 from common.adapter import get_adapter_state, save_adapter
 from common.batches import Tokenized
 from common.config import FedtuneConfig
-from common.evaluation import evaluate, load_eval_file
+from common.evaluation import load_eval_file, score
 from common.model import build_model, resolve_model_path, set_threads
 from common.precision import resolve_compute
 from server.runlog import write_json
-from simulations.report import SiteScore
+from simulations.references import REFERENCES, fit_reference
+from simulations.scoring import SiteScore, site_score
 
 log = logging.getLogger(__name__)
 
-MODES = ("local", "centralized")
+LORA_MODES = ("local", "centralized")
+MODES = (*LORA_MODES, *REFERENCES)
 Progress = Callable[[str], None]
 
 # train.num-threads changes speed, not results; simulation.* and federation.* other than the
@@ -108,7 +113,6 @@ def run_baseline(
     _check_mode(mode)
     say = progress or log.info
     data_dir, out = Path(data_dir).resolve(), Path(out)
-    digest, data_sha = baseline_digest(cfg), data_hash(data_dir)
     sites = federation_sites(data_dir)
     for site in sites:
         for name in ("train.jsonl", "test.jsonl"):
@@ -118,10 +122,14 @@ def run_baseline(
                 )
     set_threads(cfg.train.num_threads)
     started = time.perf_counter()
-    splits = {site: load_site(data_dir / site / "train.jsonl", cfg).train for site in sites}
-    adapters = out / f"baseline-{mode}"
     trained: list[dict[str, Any]] = []
     scores: list[SiteScore] = []
+    if mode in REFERENCES:
+        scores, fitted = fit_reference(mode, cfg, data_dir, sites, say)
+        trained.append(fitted)
+        return _write_result(mode, cfg, data_dir, out, started, trained, scores)
+    splits = {site: load_site(data_dir / site / "train.jsonl", cfg).train for site in sites}
+    adapters = out / f"baseline-{mode}"
     if mode == "local":
         for site in sites:
             say(f"local {site}: training on {len(splits[site])} records")
@@ -135,16 +143,33 @@ def run_baseline(
         model, info = _train(cfg, pool, sites, adapters / "pooled", say, "centralized", **extra)
         trained.append(info)
         scores = [_score(model, cfg, data_dir, site, say, "centralized") for site in sites]
+    return _write_result(mode, cfg, data_dir, out, started, trained, scores)
+
+
+def _write_result(
+    mode: str,
+    cfg: FedtuneConfig,
+    data_dir: Path,
+    out: Path,
+    started: float,
+    trained: list[dict[str, Any]],
+    scores: list[SiteScore],
+) -> Path:
     result = {
         "mode": mode,
-        "digest": digest,
-        "data-sha256": data_sha,
+        "digest": baseline_digest(cfg),
+        "data-sha256": data_hash(data_dir),
         "data-dir": str(data_dir),
         "settings": baseline_settings(cfg),
         "seconds": round(time.perf_counter() - started, 3),
         "trained": trained,
         "sites": [
-            {"site": s.site, "records": s.records, "metrics": _json_metrics(s.metrics)}
+            {
+                "site": s.site,
+                "records": s.records,
+                "metrics": _json_metrics(s.metrics),
+                **({"labels": s.labels, "probabilities": s.probs} if s.probs else {}),
+            }
             for s in scores
         ],
     }
@@ -194,6 +219,8 @@ def load_baseline(
                 str(s["site"]),
                 int(s["records"]),
                 {k: math.nan if v is None else float(v) for k, v in s["metrics"].items()},
+                [int(x) for x in s.get("labels", [])],
+                [[float(p) for p in row] for row in s.get("probabilities", [])],
             )
             for s in result["sites"]
         ]
@@ -228,11 +255,16 @@ def train_baselines(
         return [job.result() for job in jobs]
 
 
+def modes_for(cfg: FedtuneConfig) -> tuple[str, ...]:
+    """The baselines a run's task has: the references are for classification only."""
+    return MODES if cfg.model.task == "classification" else LORA_MODES
+
+
 def load_baselines(
     out: Path, cfg: FedtuneConfig, data_dir: Path
 ) -> dict[str, list[SiteScore] | None]:
     """Every mode's scores from OUT (None where not run for these settings and data)."""
-    return {mode: load_baseline(out, cfg, data_dir, mode) for mode in MODES}
+    return {mode: load_baseline(out, cfg, data_dir, mode) for mode in modes_for(cfg)}
 
 
 def _train(
@@ -291,10 +323,11 @@ def _score(
 ) -> SiteScore:
     """The trained model scored on the site's held-out test file."""
     test = load_eval_file(data_dir / site / "test.jsonl", cfg)
-    metrics = evaluate(model, test, cfg)
+    scored = site_score(site, score(model, test, cfg))
+    metrics = scored.metrics
     shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("f1", "auroc", "loss") if k in metrics)
     say(f"{label} {site}: test {shown} on {len(test)} records")
-    return SiteScore(site, len(test), metrics)
+    return scored
 
 
 def _json_metrics(metrics: dict[str, float]) -> dict[str, float | None]:

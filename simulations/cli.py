@@ -102,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--no-baselines",
         action="store_true",
-        help="skip training the local-only and centralised baselines (reused when present)",
+        help="skip training the baselines and references (reused when present)",
     )
     _add_baseline(sub)
     return parser
@@ -111,17 +111,20 @@ def _parser() -> argparse.ArgumentParser:
 def _add_baseline(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     baseline = sub.add_parser(
         "baseline",
-        help="train the local-only and centralised baselines a federation is compared with",
+        help="train the baselines and references a federation is compared with",
         description="Train each site alone (local) and one model on all sites' records pooled "
-        "(centralized), with the federation's budget of passes over every record, and score "
-        "them on every site's test file. Results go to OUT/baseline-MODE.json, where "
+        "(centralized), with the federation's budget of passes over every record; fit the "
+        "references TF-IDF + logistic regression (tfidf) and a logistic regression on the "
+        "frozen base model's mean-pooled embeddings (probe) on all sites' training records; "
+        "score each on every site's test file. Results go to OUT/baseline-MODE.json, where "
         "`fedtune-sim run` with the same --out, settings and data finds them.",
     )
     baseline.add_argument(
         "--mode",
-        choices=("centralized", "local", "both"),
+        choices=("centralized", "local", "tfidf", "probe", "both", "references", "all"),
         required=True,
-        help="which baseline to train",
+        help="which baseline to train: both (local and centralized), references (tfidf and "
+        "probe, classification only), or all",
     )
     baseline.add_argument("--config", type=Path, help="TOML file overriding the default settings")
     baseline.add_argument(
@@ -140,14 +143,16 @@ def _add_baseline(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 def _baseline(args: argparse.Namespace) -> int:
     from common.config import ConfigError, load_config
     from server.submit import app_defaults
-    from simulations.baseline import MODES, load_baseline, train_baselines
+    from simulations.baseline import LORA_MODES, load_baseline, modes_for, train_baselines
+    from simulations.references import REFERENCES
     from simulations.report import APPROACHES, table
     from simulations.run import SimulationError, _absolute
 
-    modes = MODES if args.mode == "both" else (args.mode,)
     results = {}
     try:
         cfg = load_config(app_defaults(), args.config)
+        groups = {"both": LORA_MODES, "references": REFERENCES, "all": modes_for(cfg)}
+        modes = groups.get(args.mode, (args.mode,))
         data_dir = _absolute(cfg.simulation.data_dir)
         if not (data_dir / "federation.json").is_file():
             sim = cfg.simulation

@@ -24,7 +24,7 @@ from pathlib import Path
 from common.config import load_config
 from common.precision import hardware
 from server.runlog import read_rounds, read_run, write_json
-from simulations.report import pooled, score_sites
+from simulations.scoring import score_sites, weighted_mean
 from simulations.variants import run_variant
 
 CONFIG = Path(__file__).parent / "configs" / "default.toml"
@@ -42,7 +42,7 @@ def run_one(precision: str, seed: int, out: Path) -> dict[str, object]:
     scored = {}
     for scoring in PRECISIONS:
         cfg = load_config({**config, "model.precision": scoring})
-        means = pooled(score_sites(run_dir / "adapter", cfg, data_dir))
+        means = weighted_mean(score_sites(run_dir / "adapter", cfg, data_dir))
         scored[scoring] = {k: round(means[k], 4) for k in ("auroc", "f1")}
     rounds = read_rounds(run_dir)
     speeds = [

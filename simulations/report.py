@@ -1,5 +1,6 @@
-"""A simulated run's report: the global adapter against the baselines at every site, and plots
-of the run's rounds from its metrics.jsonl.
+"""A simulated run's report: the global adapter against the baselines and references at every
+site and on all sites' test records pooled, with bootstrap intervals, and plots of the run's
+rounds from its metrics.jsonl.
 
 Only a researcher's simulation can do this: the synthetic sites' files are on this machine.
 """
@@ -10,60 +11,41 @@ import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from common.config import FedtuneConfig
-from common.evaluation import evaluate, load_eval_file
-from common.model import load_adapted_model, set_threads
 from common.precision import resolve_compute
 from server.runlog import read_rounds, read_run
+from simulations.scoring import (
+    COLUMNS,
+    RESAMPLES,
+    SiteScore,
+    bootstrap,
+    pooled_metrics,
+    weighted_mean,
+)
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("f1", "auroc", "accuracy", "precision", "recall")
-APPROACHES = {"local": "local only", "centralized": "centralised"}
+APPROACHES = {
+    "local": "local only",
+    "centralized": "centralised",
+    "tfidf": "TF-IDF + LR",
+    "probe": "frozen probe",
+}
 """Baseline modes (as in `fedtune-sim baseline --mode`) and their names in tables."""
+FEDERATED = "federated"
 LABELS = {"f1": "F1", "auroc": "AUROC", "loss": "loss", "perplexity": "perplexity"}
 NOT_RUN = "not run"
 Round = dict[str, Any]
 
 
-@dataclass(frozen=True)
-class SiteScore:
-    """Test metrics of one adapter at one site."""
-
-    site: str
-    records: int
-    metrics: dict[str, float]
-
-
-def score_sites(adapter_dir: Path, cfg: FedtuneConfig, data_dir: Path) -> list[SiteScore]:
-    """Evaluate the adapter in `adapter_dir` on DATA_DIR/site-*/test.jsonl."""
-    set_threads(0)
-    model = load_adapted_model(adapter_dir, cfg)
-    scores = []
-    for site_dir in sorted(data_dir.glob("site-*"), key=lambda p: int(p.name.split("-")[1])):
-        test = load_eval_file(site_dir / "test.jsonl", cfg)
-        scores.append(SiteScore(site_dir.name, len(test), evaluate(model, test, cfg)))
-    return scores
-
-
-def pooled(scores: Sequence[SiteScore], columns: Sequence[str] = COLUMNS) -> dict[str, float]:
-    """Record-weighted mean of each metric over the sites (left out where a site has none)."""
-    total = sum(s.records for s in scores)
-    return {
-        name: sum(s.metrics[name] * s.records for s in scores) / total
-        for name in columns
-        if total and all(not math.isnan(s.metrics.get(name, math.nan)) for s in scores)
-    }
-
-
 def pooled_test_scores(run_dir: Path) -> dict[str, float]:
-    """`pooled` over a simulated run's RUN_DIR/test-scores.json (NaN where a site has none)."""
+    """The record-weighted mean over the sites of a simulated run's RUN_DIR/test-scores.json
+    (NaN where a site has none)."""
     scores = [SiteScore(**s) for s in json.loads((run_dir / "test-scores.json").read_text())]
-    means = pooled(scores)
+    means = weighted_mean(scores)
     return {name: means.get(name, math.nan) for name in COLUMNS}
 
 
@@ -78,7 +60,7 @@ def table(scores: Sequence[SiteScore]) -> list[str]:
     for s in scores:
         cells = " | ".join(_cell(s.metrics.get(c)) for c in columns)
         lines.append(f"| {s.site} | {s.records} | {cells} |")
-    mean = pooled(scores, columns)
+    mean = weighted_mean(scores, columns)
     cells = " | ".join(_cell(mean.get(c)) for c in columns)
     lines.append(f"| **all (weighted)** | {sum(s.records for s in scores)} | {cells} |")
     return lines
@@ -88,15 +70,18 @@ def comparison(
     federated: Sequence[SiteScore],
     baselines: Mapping[str, Sequence[SiteScore] | None] | None = None,
     command: str = "fedtune-sim baseline",
+    bayes: Mapping[str, float] | None = None,
 ) -> list[str]:
-    """Federated, local-only and centralised test results side by side per site, with a
-    record-weighted mean row, as markdown lines; a baseline not run says how to run it
-    (`command` plus `--mode MODE`)."""
-    baselines = baselines or {}
+    """The federated model's test results beside each baseline's (the modes in `baselines`,
+    local-only and centralised when it is empty), per site, as the record-weighted mean of
+    the sites, and on the pooled predictions, as markdown lines. `bayes` adds each site's
+    Bayes AUROC (synthetic data). A baseline not run says how to run it (`command` plus
+    `--mode MODE`); a model that predicts one class at a site is warned about."""
+    baselines = dict(baselines or {"local": None, "centralized": None})
     metrics = _headline(federated)
-    approaches: dict[str, Sequence[SiteScore] | None] = {"federated": federated}
-    approaches.update({APPROACHES[m]: baselines.get(m) for m in APPROACHES})
+    approaches = _approaches(federated, baselines)
     head = [f"{name} {LABELS[m]}" for name in approaches for m in metrics]
+    head += ["Bayes AUROC"] if bayes else []
     lines = [
         "| site | test records | " + " | ".join(head) + " |",
         "|" + "---|" * (len(head) + 2),
@@ -107,14 +92,21 @@ def comparison(
             found = {s.site: s for s in scores or ()}.get(site.site)
             for m in metrics:
                 cells.append(_cell(found.metrics.get(m)) if found else _absent(scores))
+        cells += [_cell(bayes.get(site.site))] if bayes else []
         lines.append(f"| {site.site} | {site.records} | " + " | ".join(cells) + " |")
-    cells = []
-    for scores in approaches.values():
-        mean = pooled(scores, metrics) if scores else {}
-        cells += [_cell(mean.get(m)) if scores else NOT_RUN for m in metrics]
     total = sum(s.records for s in federated)
-    lines.append(f"| **all (weighted)** | {total} | " + " | ".join(cells) + " |")
-    missing = [mode for mode, name in APPROACHES.items() if not approaches[name]]
+    rows = {"all (weighted)": weighted_mean}
+    if all(s.probs for s in federated):
+        rows["all (pooled)"] = lambda scores, metrics: pooled_metrics(scores)
+    for label, combine in rows.items():
+        cells = []
+        for scores in approaches.values():
+            mean = combine(scores, metrics) if scores else {}
+            cells += [_cell(mean.get(m)) if scores else NOT_RUN for m in metrics]
+        cells += [""] if bayes else []
+        lines.append(f"| **{label}** | {total} | " + " | ".join(cells) + " |")
+    lines += ["", _ROWS_NOTE if len(rows) > 1 else _WEIGHTED_NOTE]
+    missing = [mode for mode in baselines if not baselines[mode]]
     if missing:
         lines.append("")
         lines += [
@@ -122,6 +114,66 @@ def comparison(
             f"`{command} --mode {mode}`"
             for mode in missing
         ]
+    warned = one_class_warnings(approaches)
+    return lines + (["", *warned] if warned else [])
+
+
+_WEIGHTED_NOTE = "all (weighted): the mean of the sites' values, weighted by their test records."
+_ROWS_NOTE = (
+    "all (weighted): the mean of the sites' values, weighted by their test records; all "
+    "(pooled): the metric of every site's test predictions taken as one set."
+)
+
+
+def _approaches(
+    federated: Sequence[SiteScore], baselines: Mapping[str, Sequence[SiteScore] | None]
+) -> dict[str, Sequence[SiteScore] | None]:
+    approaches: dict[str, Sequence[SiteScore] | None] = {FEDERATED: federated}
+    approaches.update({APPROACHES[m]: baselines[m] for m in baselines})
+    return approaches
+
+
+def one_class_warnings(approaches: Mapping[str, Sequence[SiteScore] | None]) -> list[str]:
+    """A line for each model and site where the model predicts one class for every record."""
+    warned = []
+    for name, scores in approaches.items():
+        for s in scores or ():
+            k = s.predicted_class()
+            if k is not None and s.records > 1:
+                warned.append(
+                    f"**Warning**: {name} predicts class {k} for every one of the {s.records} "
+                    f"test records at {s.site}: its F1 and accuracy there say nothing of skill."
+                )
+    return warned
+
+
+def intervals(
+    federated: Sequence[SiteScore],
+    baselines: Mapping[str, Sequence[SiteScore] | None],
+    resamples: int = RESAMPLES,
+) -> list[str]:
+    """Pooled F1 and AUROC of each model with 95% bootstrap intervals, and each baseline's
+    difference to the federated model (paired: the same resampled records for every model),
+    as markdown lines; [] without per-record predictions."""
+    models = {FEDERATED: federated, **{m: s for m, s in baselines.items() if s}}
+    found = bootstrap(models, FEDERATED, resamples)
+    if not found:
+        return []
+    lines = [
+        f"All sites' test records pooled; 95% bootstrap intervals from {resamples} resamples of "
+        "each site's test records. A difference whose interval excludes 0 is signal, not noise.",
+        "",
+        "| model | F1 | AUROC | AUROC minus federated | F1 minus federated |",
+        "|---|---|---|---|---|",
+    ]
+    for mode, result in found.items():
+        name = FEDERATED if mode == FEDERATED else APPROACHES[mode]
+        cells = [str(result["f1"]), str(result["auroc"])]
+        cells += [
+            str(result[f"{m}-minus-{FEDERATED}"]) if mode != FEDERATED else ""
+            for m in ("auroc", "f1")
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -193,10 +245,13 @@ def write_report(
     baselines: Mapping[str, Sequence[SiteScore] | None] | None = None,
     command: str = "fedtune-sim baseline",
 ) -> Path:
-    """RUN_DIR/report.md: settings, the rounds, plots in RUN_DIR/plots/, and the per-site test
-    table of the federated adapter beside the baselines (`command` runs a missing one)."""
+    """RUN_DIR/report.md: settings, the rounds, plots in RUN_DIR/plots/, the per-site test
+    table of the federated adapter beside the baselines (`command` runs a missing one), and
+    pooled results with bootstrap intervals."""
     run_dir = Path(run_dir)
     rounds = read_rounds(run_dir)
+    baselines = dict(baselines or {"local": None, "centralized": None})
+    pooled = intervals(scores, baselines)
     lines = [
         f"# fedtune run {run_dir.name}",
         "",
@@ -211,10 +266,15 @@ def write_report(
         "",
         "Each site's held-out test file: the federated global adapter, each site trained alone "
         "on its own records (local only), and one adapter trained on all sites' records pooled "
-        "(centralised), with the same number of passes over every record.",
+        "(centralised), with the same number of passes over every record; and two references "
+        "fitted on all sites' training records with no fine-tuning: TF-IDF (word 1-2 grams) + "
+        "logistic regression, and logistic regression on the frozen base model's mean-pooled "
+        "embeddings (frozen probe). Bayes AUROC, where the data is synthetic, is what the "
+        "generator's true risk scores: no model can expect more.",
         "",
-        *comparison(scores, baselines, command),
+        *comparison(scores, baselines, command, bayes_aurocs(Path(cfg.simulation.data_dir))),
         "",
+        *(["## Pooled test results", "", *pooled, ""] if pooled else []),
         "## Rounds",
         "",
         *_rounds_table(rounds),
@@ -241,6 +301,15 @@ def computed_in(run_dir: Path, cfg: FedtuneConfig) -> str:
         f"{trained or 'sites that did not report it'}; test scoring and baselines here, "
         f"{here}."
     )
+
+
+def bayes_aurocs(data_dir: Path) -> dict[str, float]:
+    """Each synthetic site's Bayes AUROC from DATA_DIR/federation.json ({} for other data)."""
+    try:
+        summary = json.loads((Path(data_dir) / "federation.json").read_text())
+        return {str(s["name"]): float(s["bayes_auroc"]) for s in summary["sites"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def _privacy_line(run_dir: Path, cfg: FedtuneConfig) -> list[str]:

@@ -32,7 +32,8 @@ from common.signing import PRIVATE_NAME, PUBLIC_NAME, create_signing_key
 from server.runlog import read_run, write_json
 from server.submit import absolute_paths, app_defaults, config_keys, resume_keys, submit
 from simulations.baseline import load_baselines, train_baselines
-from simulations.report import comparison, computed_in, score_sites, write_report
+from simulations.report import bayes_aurocs, comparison, computed_in, intervals, write_report
+from simulations.scoring import score_sites
 from simulations.synth import DEFAULT_MEAN_RECORDS, ForeignDirectory, check_ours, write_federation
 
 
@@ -103,12 +104,13 @@ def run_simulation(
     if with_baselines:
         missing = [mode for mode, found in baselines.items() if found is None]
         if missing:
-            print(f"training the {' and '.join(missing)} baseline with the federation's budget")
+            print(f"training baselines: {', '.join(missing)} (LoRA: the federation's budget)")
             train_baselines(missing, final, data_dir, out, progress=print)
             baselines = load_baselines(out, final, data_dir)
     report = write_report(run_dir, scores, final, baselines, command)
-    print("\nTest metrics on each site's held-out file: federated vs local-only vs centralised")
-    print("\n".join(comparison(scores, baselines, command)))
+    print("\nTest metrics on each site's held-out file: federated against the baselines")
+    print("\n".join(comparison(scores, baselines, command, bayes_aurocs(data_dir))))
+    print("\n" + "\n".join(intervals(scores, baselines)))
     print(computed_in(run_dir, final))
     print(f"\nreport: {report}")
     return run_dir

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from common.config import load_config
 from server.runlog import read_rounds, read_run
-from simulations.report import pooled, score_sites
 from simulations.run import run_simulation
+from simulations.scoring import score_sites, weighted_mean
 
 
 def run_variant(config: Path, keys: dict[str, object], out: Path, name: str) -> tuple[Path, float]:
@@ -31,8 +31,8 @@ def f1_per_round(run_dir: Path) -> list[float]:
     cfg = load_config(read_run(run_dir)["config"])
     data_dir = Path(cfg.simulation.data_dir)
     return [
-        pooled(score_sites(run_dir / "checkpoints" / f"round-{r['round']:04d}", cfg, data_dir))[
-            "f1"
-        ]
+        weighted_mean(
+            score_sites(run_dir / "checkpoints" / f"round-{r['round']:04d}", cfg, data_dir)
+        )["f1"]
         for r in read_rounds(run_dir)
     ]

@@ -59,9 +59,9 @@ def cfg(tiny_bert_dir: Path, federation: Path) -> FedtuneConfig:
 
 @pytest.fixture(scope="module")
 def out(tmp_path_factory: pytest.TempPathFactory, cfg: FedtuneConfig, federation: Path) -> Path:
-    """Both baselines, run once for the module."""
+    """Both baselines and both references, run once for the module."""
     out = tmp_path_factory.mktemp("baseline-out")
-    for mode in ("local", "centralized"):
+    for mode in ("local", "centralized", "tfidf", "probe"):
         run_baseline(mode, cfg, federation, out)
     return out
 
@@ -199,7 +199,10 @@ def test_report_puts_the_baselines_beside_the_federated_adapter(
     text = report.read_text()
     rows = [line for line in text.splitlines() if line.startswith("| site-1 |")]
     assert len(rows) == 1 and "not run" not in rows[0]
-    assert rows[0].count("|") == 2 + 6 + 1  # site, records, F1 and AUROC of three approaches
+    # site, records, F1 and AUROC of the federated model, 2 baselines, 2 references; Bayes
+    assert rows[0].count("|") == 2 + 10 + 1 + 1
+    assert "TF-IDF + LR AUROC" in text and "frozen probe F1" in text and "Bayes AUROC" in text
+    assert "| **all (pooled)** |" in text and "## Pooled test results" in text
 
 
 def test_cli_trains_then_reuses_and_prints_the_table(
