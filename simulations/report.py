@@ -197,12 +197,11 @@ def plot_rounds(rounds: Sequence[Round], plots_dir: Path) -> dict[str, Path]:
         fig = Figure(figsize=(6.4, 3.6))
         ax = fig.subplots()
         ax.plot(*zip(*loss, strict=True), marker="o", color="black", label="aggregated")
-        for node in sorted({n for r in rounds for n in r.get("sites") or {}}):
+        names = _site_names(rounds)
+        for node in sorted(names, key=lambda n: names[n]):
             site_loss = _series(rounds, "sites", node, "train", "train-loss")
             if site_loss:
-                ax.plot(
-                    *zip(*site_loss, strict=True), linewidth=0.8, alpha=0.6, label=f"node {node}"
-                )
+                ax.plot(*zip(*site_loss, strict=True), linewidth=0.8, alpha=0.6, label=names[node])
         _finish(ax, "Training loss", "train loss", legend=len(ax.lines) <= 11)
         save(fig, "Train loss", "train-loss.png")
 
@@ -370,6 +369,16 @@ def _headline(scores: Sequence[SiteScore]) -> tuple[str, ...]:
     if scores and all("f1" in s.metrics for s in scores):
         return ("f1", "auroc")
     return ("loss", "perplexity")
+
+
+def _site_names(rounds: Sequence[Round]) -> dict[str, str]:
+    """Each node's site name as it told it, else `node ID`."""
+    names: dict[str, str] = {}
+    for r in rounds:
+        for node, site in (r.get("sites") or {}).items():
+            told = site.get("name") if isinstance(site, Mapping) else None
+            names[node] = told or names.get(node) or f"node {node}"
+    return names
 
 
 def _series(rounds: Sequence[Round], *keys: str) -> list[tuple[int, float]]:

@@ -10,7 +10,14 @@ import pytest
 from PIL import Image
 
 from common.config import load_config
-from simulations.report import SiteScore, comparison, plot_rounds, read_rounds, write_report
+from simulations.report import (
+    SiteScore,
+    _site_names,
+    comparison,
+    plot_rounds,
+    read_rounds,
+    write_report,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -157,3 +164,9 @@ def test_a_resumed_round_logged_twice_counts_once(tmp_path: Path) -> None:
     assert set(plots) == {"Train loss", "Evaluation", "Traffic"}
     for path in plots.values():
         _assert_png(path)
+
+
+def test_plots_name_sites_by_the_names_they_told() -> None:
+    rows = _rounds()
+    rows[1]["sites"]["11"]["name"] = "st-marys"
+    assert _site_names(rows) == {"11": "st-marys", "12": "node 12"}
