@@ -17,6 +17,7 @@ from test_federation import HandlerGrid, _config, _run
 from client.ledger import MASKED_STAGE, describe, read_ledger
 from common.adapter import load_adapter
 from common.config import ConfigError, load_config
+from common.sitename import SITE_KEY
 from server.secure import MODULUS, SecureAggregationFailed, quantization_range
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -187,4 +188,5 @@ def test_a_plain_round_is_unchanged_by_the_secure_mod(
     train = [
         r for r in grid.received if isinstance(r, Message) and r.metadata.message_type == "train"
     ]
-    assert len(train) == 3 and all(set(r.content) == {"arrays", "metrics"} for r in train)
+    plain = {"arrays", "metrics", SITE_KEY}  # SITE_KEY: the device and precision it used
+    assert len(train) == 3 and all(set(r.content) == plain for r in train)
