@@ -4,14 +4,18 @@ final adapter scored on every site's held-out test file in fp32 and in bf16. Wri
 bench-results/precision.json and prints the table. On a CPU without native bf16 the bf16
 runs are many times slower (emulated); run it where `native-bf16` comes out true.
 
-    python -m simulations.precision                        # seeds 0 1 2
+    python -m simulations.precision                        # seeds 0 1 2, then throughput
     python -m simulations.precision --seeds 3 --out runs/precision
+    python -m simulations.precision --seeds --throughput-repeats 3   # throughput only
 
 Runs already in the results file are kept (a precision and seed run again replace theirs).
 
-AUROC and F1 are pooled: the mean of the three sites' test values, weighted by their test
-records (600 in all). Speed is the sites' own training throughput (examples per second,
-averaged over sites and rounds after the first) and the federation's wall time.
+AUROC and F1 are the mean of the three sites' test values, weighted by their test records
+(600 in all). Speed is measured twice: the sites' own training throughput inside the runs
+(examples per second, averaged over sites and rounds after the first; one torch thread per
+site, three sites on the machine's cores) and, on an otherwise idle machine, local training
+alone as `simulations.bench_train` measures it (2 threads, MiniLM, batch 16, 128 tokens, 40
+steps), fp32 and bf16 interleaved, medians of the repeats.
 """
 
 from __future__ import annotations
@@ -19,11 +23,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 from common.config import load_config
 from common.precision import hardware
 from server.runlog import read_rounds, read_run, write_json
+from server.submit import app_defaults
+from simulations.run import ensure_federation
 from simulations.scoring import score_sites, weighted_mean
 from simulations.variants import run_variant
 
@@ -124,6 +132,25 @@ def summarise(rows: list[dict]) -> dict[str, object]:
     return summary
 
 
+def throughput(data: Path, repeats: int) -> dict[str, object]:
+    """Local training examples per second in each precision, interleaved; medians."""
+    samples: dict[str, list[float]] = {p: [] for p in PRECISIONS}
+    for _ in range(repeats):
+        for precision in PRECISIONS:
+            command = [sys.executable, "-m", "simulations.bench_train", "--only", "ours"]
+            command += ["--data", str(data), "--precision", precision]
+            done = subprocess.run(command, capture_output=True, text=True, check=True)
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            samples[precision].append(round(result["examples_per_s"], 2))
+            print(precision, samples[precision][-1], "examples/s", flush=True)
+    medians = {p: statistics.median(v) for p, v in samples.items()}
+    return {
+        "examples-per-second": medians,
+        "samples": samples,
+        "bf16-speedup": round(medians["bf16"] / medians["fp32"], 2),
+    }
+
+
 def _earlier_runs(results: Path, redone: set[tuple[str, int]]) -> list[dict]:
     if not results.is_file():
         return []
@@ -133,30 +160,34 @@ def _earlier_runs(results: Path, redone: set[tuple[str, int]]) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
+    parser.add_argument("--throughput-repeats", type=int, default=3, help="0: skip")
     parser.add_argument("--out", type=Path, default=Path("runs/precision"))
     parser.add_argument("--results", type=Path, default=Path("bench-results/precision.json"))
     args = parser.parse_args()
     out = args.out.resolve()
     args.results.parent.mkdir(parents=True, exist_ok=True)
+    earlier = json.loads(args.results.read_text()) if args.results.is_file() else {}
     rows = _earlier_runs(args.results, {(p, s) for p in PRECISIONS for s in args.seeds})
-    summary: dict[str, object] = {}
+    result = {
+        "benchmark": "training precision: quality and speed",
+        "command": "python -m simulations.precision",
+        "config": str(CONFIG),
+        "hardware": hardware(),
+        "summary": summarise(rows),
+        "throughput": earlier.get("throughput"),
+        "runs": rows,
+    }
     for seed in args.seeds:  # the table so far is written after every run
         for precision in PRECISIONS:
             rows.append(run_one(precision, seed, out))
-            summary = summarise(rows)
-            write_json(
-                args.results,
-                {
-                    "benchmark": "training precision: quality and speed",
-                    "command": "python -m simulations.precision",
-                    "config": str(CONFIG),
-                    "hardware": hardware(),
-                    "summary": summary,
-                    "runs": rows,
-                },
-            )
-    print(json.dumps(summary, indent=1))
+            result["summary"] = summarise(rows)
+            write_json(args.results, result)
+    if args.throughput_repeats:
+        data = ensure_federation(load_config(app_defaults())) / "site-1" / "train.jsonl"
+        result["throughput"] = throughput(data, args.throughput_repeats)
+        write_json(args.results, result)
+    print(json.dumps({k: result[k] for k in ("summary", "throughput")}, indent=1))
     print(f"wrote {args.results}")
 
 
