@@ -56,6 +56,12 @@ class ModelSettings(_Section):
     `bf16` asks for it anyway. Every run records what it used. Adapters always travel as
     fp32 or fp16."""
 
+    pooling: Literal["cls", "mean"] = "cls"
+    """Classification: what the head reads. `cls`, the model's own pooler over the first
+    ([CLS]) position; `mean`, the mean of the last hidden states over the record's tokens,
+    as sentence encoders such as all-MiniLM-L6-v2 were trained (BERT family only). A
+    `mean` adapter is only right with mean pooling: a merged export is refused for it."""
+
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30% more compute."""
 
@@ -403,6 +409,15 @@ class FedtuneConfig(_Section):
     secure_aggregation: SecureAggregationSettings = SecureAggregationSettings()
     compression: CompressionSettings = CompressionSettings()
     simulation: SimulationSettings = SimulationSettings()
+
+    @model_validator(mode="after")
+    def _pooling_fits_the_task(self) -> FedtuneConfig:
+        if self.model.pooling != "cls" and self.model.task != "classification":
+            raise ValueError(
+                f'model.pooling "{self.model.pooling}" is for classification; a causal-lm '
+                'model predicts tokens, not a pooled vector: use model.pooling = "cls"'
+            )
+        return self
 
     @model_validator(mode="after")
     def _compression_fits_the_federation(self) -> FedtuneConfig:

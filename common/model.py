@@ -27,6 +27,7 @@ from common.adapter import AdapterError, get_adapter_state, load_adapter, set_ad
 from common.cls_only import last_layer_on_cls
 from common.config import FedtuneConfig, LoraSettings, ModelSettings
 from common.lora_math import is_lora_a
+from common.pooling import PoolingError, use_mean_pooling
 from common.precision import compute_for, pick_device
 
 log = logging.getLogger(__name__)
@@ -170,6 +171,11 @@ def _build(path: Path, settings: ModelSettings, lora: LoraSettings, device: torc
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(lora.init_seed)
         base = _load_base(path, settings, dtype, tokenizer)
+        if settings.task == "classification" and settings.pooling == "mean":
+            try:
+                use_mean_pooling(base)
+            except PoolingError as e:
+                raise ModelError(f"model.path {path}: {e}") from e
         peft_config = _lora_config(base, settings, lora)
         try:
             with warnings.catch_warnings():
@@ -184,7 +190,8 @@ def _build(path: Path, settings: ModelSettings, lora: LoraSettings, device: torc
     for param in model.parameters():
         if param.requires_grad:
             param.data = param.data.float()
-    last_layer_on_cls(base)
+    if settings.pooling == "cls":
+        last_layer_on_cls(base)  # only [CLS] leaves the last layer: compute only it
     if lora.aggregation == "ffa":
         freeze_lora_a(model)
     if settings.gradient_checkpointing:

@@ -92,6 +92,13 @@ def export_run(
     """Export the final adapter of `run_dir` (or round `server_round`'s checkpoint) to `out`."""
     run_dir, out = Path(run_dir), Path(out)
     cfg = run_config(run_dir)
+    if cfg.model.pooling != "cls":
+        raise ExportError(
+            f"{run_dir} was trained with model.pooling {cfg.model.pooling}, which Hugging "
+            "Face's sequence-classification classes cannot express: loaded by them, the "
+            "adapter would give other outputs. Use the run's adapter/ with fedtune-site "
+            "predict or evaluate, which pool as the run did"
+        )
     state, peft_config, source = source_adapter(run_dir, server_round)
     check_target(out, force)
     path = resolve_model_path(cfg.model.path)
