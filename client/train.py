@@ -15,6 +15,7 @@ from peft import PeftModel
 from common.batches import Tokenized, iter_batches
 from common.config import FedtuneConfig, TrainSettings
 from common.evaluation import balanced_class_weights, batch_loss
+from common.model import HEAD_NAMES
 from common.precision import autocast, autocast_dtype
 
 StepCallback = Callable[[int, float], None]
@@ -106,9 +107,7 @@ def train_local(
     with _seeded(settings.seed + start_step, device):
         for step in range(steps):
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(
-                    start_step + step, settings.learning_rate, settings.warmup_steps, total
-                )
+                group["lr"] = lr_at(start_step + step, group["peak"], settings.warmup_steps, total)
             step_loss = 0.0
             for _ in range(settings.grad_accum_steps):
                 batch = {k: v.to(device, non_blocking=True) for k, v in next(stream).items()}
@@ -145,16 +144,29 @@ def _drift(params: list[torch.Tensor], anchor: list[torch.Tensor]) -> torch.Tens
 
 
 def _optimizer(model: PeftModel, settings: TrainSettings) -> torch.optim.AdamW:
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in trainable if p.ndim >= 2]
-    no_decay = [p for p in trainable if p.ndim < 2]
-    return torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": settings.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=settings.learning_rate,
-    )
+    """AdamW over the trainable weights: decay on matrices only; the classification head at
+    its own peak learning rate when `train.head-learning-rate` sets one. Each group keeps its
+    peak under "peak" for the schedule."""
+    head_peak = settings.head_learning_rate or settings.learning_rate
+    groups = []
+    for is_head, peak in ((False, settings.learning_rate), (True, head_peak)):
+        params = [
+            p
+            for n, p in model.named_parameters()
+            if p.requires_grad and is_head_weight(n) == is_head
+        ]
+        for decays in (True, False):
+            chosen = [p for p in params if (p.ndim >= 2) == decays]
+            if chosen:
+                decay = settings.weight_decay if decays else 0.0
+                groups.append({"params": chosen, "weight_decay": decay, "peak": peak})
+    return torch.optim.AdamW(groups, lr=settings.learning_rate)
+
+
+def is_head_weight(name: str) -> bool:
+    """Whether a parameter belongs to the classification head (peft's modules_to_save copy
+    of `classifier` or `score`)."""
+    return any(f".{head}." in f".{name}" for head in HEAD_NAMES) and "lora_" not in name
 
 
 def _batch_stream(

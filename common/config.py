@@ -150,6 +150,10 @@ class TrainSettings(_Section):
     learning_rate: float = Field(4e-3, gt=0, le=1)
     """Peak learning rate of AdamW, reached after warmup."""
 
+    head_learning_rate: float = Field(0.0, ge=0, le=1)
+    """Peak learning rate of the classification head, which starts untrained while the LoRA
+    factors start at the base model; 0: train.learning-rate. Same schedule."""
+
     weight_decay: float = Field(0.01, ge=0, le=1)
     """AdamW decoupled weight decay, applied to matrices only (not biases or norms)."""
 

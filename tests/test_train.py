@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from client.train import lr_at, steps_per_call, train_local
+from client.train import is_head_weight, lr_at, steps_per_call, train_local
 from common.adapter import get_adapter_state
 from common.batches import tokenize
 from common.config import FedtuneConfig, load_config
@@ -162,3 +162,29 @@ def test_balanced_weights_lift_a_rare_class(tiny_bert_dir: Path, tmp_path: Path)
         positive[mode] = float(probs.mean())
     # the plain loss settles near the 1-in-8 prior; the balanced one moves towards 1/2
     assert positive["none"] < 0.15 and positive["balanced"] > 2 * positive["none"]
+
+
+def test_the_head_trains_at_its_own_learning_rate_when_one_is_set(
+    tiny_bert_dir: Path, text_file: Path
+) -> None:
+    def moved(**keys: object) -> tuple[float, float]:
+        """How far the head and the LoRA factors moved in a few steps (warmup off)."""
+        cfg = _config(tiny_bert_dir, **{"train.local-steps": 4, "train.warmup-steps": 0, **keys})
+        model = build_model(cfg)
+        before = get_adapter_state(model)
+        train_local(model, _tokenized(cfg, text_file), cfg)
+        after = get_adapter_state(model)
+        head = [k for k in after if is_head_weight(k)]
+        lora = [k for k in after if "lora_" in k]
+        assert head and lora and not set(head) & set(lora)
+
+        def distance(keys: list[str]) -> float:
+            return sum(float((after[k] - before[k]).norm()) for k in keys)
+
+        return distance(head), distance(lora)
+
+    slow = {"train.learning-rate": 1e-5}
+    same_head, same_lora = moved(**slow)
+    fast_head, fast_lora = moved(**slow, **{"train.head-learning-rate": 1e-2})
+    assert fast_head > 50 * same_head  # the head at 1e-2, the rest still at 1e-5
+    assert fast_lora == pytest.approx(same_lora, rel=0.5)
