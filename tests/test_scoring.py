@@ -102,3 +102,24 @@ def test_the_report_pools_predictions_warns_of_one_class_and_shows_intervals() -
     assert table[2] == "| model | F1 | AUROC | AUROC minus federated | F1 minus federated |"
     rows = {line.split(" | ")[0][2:]: line for line in table[4:]}
     assert set(rows) == {"federated", "local only", "TF-IDF + LR"}
+
+
+def test_the_quality_sweep_averages_seeds_and_checks_the_targets() -> None:
+    from simulations.quality import summarise
+
+    def row(seed: int, fed: float) -> dict:
+        models = {"federated": fed, "local": 0.70, "centralized": 0.76, "tfidf": 0.78}
+        return {
+            "federation": "default",
+            "variant": "mean",
+            "seed": seed,
+            **{m: {"auroc": a, "f1": 0.5} for m, a in models.items()},
+        }
+
+    (entry,) = summarise([row(0, 0.74), row(1, 0.78)])
+    assert entry["seeds"] == [0, 1] and entry["federated"]["auroc"] == pytest.approx(0.76)
+    assert entry["targets"] == {
+        "federated >= centralised - 0.01": True,
+        "federated >= local-only + 0.02": True,
+        "federated >= TF-IDF + LR - 0.01": False,
+    }
