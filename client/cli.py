@@ -137,6 +137,26 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", type=Path, help="write the metrics and groups here (JSON)")
     evaluate.set_defaults(run=_evaluate)
 
+    personalise = commands.add_parser(
+        "personalise",
+        help="adapt a global adapter to this site's records, if that makes it better here",
+        description="Start from the adapter in --adapter (a federation's global adapter), "
+        "train it --epochs more passes over the training split of --data, and keep the "
+        "result only if it scores better on the validation split (AUROC; loss for "
+        "causal-lm) than the adapter as it came; write whichever is kept to --out.",
+    )
+    personalise.add_argument(
+        "--adapter", type=Path, required=True, help="the global adapter (PEFT layout)"
+    )
+    _data_args(personalise)
+    personalise.add_argument(
+        "--epochs", type=int, default=1, help="passes over the training split (default 1)"
+    )
+    personalise.add_argument(
+        "--out", type=Path, required=True, help="write the kept adapter here (PEFT layout)"
+    )
+    personalise.set_defaults(run=_personalise)
+
     keygen = commands.add_parser(
         "keygen",
         help="create the site's key pair (send site.pub to the coordinator)",
@@ -420,6 +440,36 @@ def _metric_names(cfg: FedtuneConfig) -> tuple[str, ...]:
     if cfg.model.task != "classification":
         return ("loss", "perplexity")
     return ("f1", "auroc", "accuracy", "precision", "recall", "loss")
+
+
+def _personalise(args: argparse.Namespace) -> int:
+    from client.dataset import load_site
+    from client.personalise import personalise
+    from common.adapter import get_adapter_state, save_adapter
+    from common.files import check_writable
+    from common.model import load_adapted_model, set_threads
+    from common.precision import compute_of
+
+    cfg = _config(args)
+    if args.epochs < 1:
+        raise ValueError("--epochs must be at least 1")
+    check_writable(args.out.parent, "--out")
+    set_threads(cfg.train.num_threads)
+    site = load_site(args.data, cfg)
+    model = load_adapted_model(args.adapter, cfg)
+    print(
+        f"{args.data.name}: {len(site.train)} train, {len(site.val)} validation records; "
+        f"computing on {compute_of(model, cfg.model).describe()}"
+    )
+    result = personalise(model, site, cfg, args.epochs)
+    what = "personalised" if result.kept else "global (personalising did not help here)"
+    print(
+        f"validation {result.criterion}: global {result.before:.4f}, after {result.steps} "
+        f"steps {result.after:.4f}; keeping the {what} adapter"
+    )
+    save_adapter(get_adapter_state(model), model.peft_config["default"], args.out)
+    print(f"adapter written to {args.out}")
+    return EXIT_OK
 
 
 def _predict(args: argparse.Namespace) -> int:

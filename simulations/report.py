@@ -29,6 +29,7 @@ from simulations.scoring import (
 log = logging.getLogger(__name__)
 
 APPROACHES = {
+    "personalised": "federated + personalised",
     "local": "local only",
     "centralized": "centralised",
     "tfidf": "TF-IDF + LR",

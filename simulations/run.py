@@ -32,6 +32,8 @@ from common.signing import PRIVATE_NAME, PUBLIC_NAME, create_signing_key
 from server.runlog import read_run, write_json
 from server.submit import absolute_paths, app_defaults, config_keys, resume_keys, submit
 from simulations.baseline import load_baselines, train_baselines
+from simulations.personalised import MODE as PERSONALISED
+from simulations.personalised import personalised_scores
 from simulations.report import bayes_aurocs, comparison, computed_in, intervals, write_report
 from simulations.scoring import score_sites
 from simulations.synth import DEFAULT_MEAN_RECORDS, ForeignDirectory, check_ours, write_federation
@@ -98,6 +100,12 @@ def run_simulation(
     final = load_config({**defaults, **keys})
     scores = score_sites(run_dir / "adapter", final, data_dir)
     write_json(run_dir / "test-scores.json", [asdict(score) for score in scores])
+    print("personalising the global adapter at each site (kept where validation improves)")
+    personal, how = personalised_scores(run_dir / "adapter", final, data_dir)
+    write_json(
+        run_dir / "test-scores-personalised.json",
+        {"sites": how, "scores": [asdict(score) for score in personal]},
+    )
     command = "fedtune-sim baseline" + (f" --config {override}" if override else "")
     command += f" --out {out}"
     baselines = load_baselines(out, final, data_dir)
@@ -107,6 +115,7 @@ def run_simulation(
             print(f"training baselines: {', '.join(missing)} (LoRA: the federation's budget)")
             train_baselines(missing, final, data_dir, out, progress=print)
             baselines = load_baselines(out, final, data_dir)
+    baselines = {PERSONALISED: personal, **baselines}
     report = write_report(run_dir, scores, final, baselines, command)
     print("\nTest metrics on each site's held-out file: federated against the baselines")
     print("\n".join(comparison(scores, baselines, command, bayes_aurocs(data_dir))))

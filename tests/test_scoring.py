@@ -113,13 +113,16 @@ def test_the_quality_sweep_averages_seeds_and_checks_the_targets() -> None:
             "federation": "default",
             "variant": "mean",
             "seed": seed,
-            **{m: {"auroc": a, "f1": 0.5} for m, a in models.items()},
+            **{m: {"auroc": a, "f1": 0.5, "site-auroc": {"site-1": a}} for m, a in models.items()},
         }
 
-    (entry,) = summarise([row(0, 0.74), row(1, 0.78)])
+    rows = [row(0, 0.74), row(1, 0.78)]
+    rows[0]["personalised"] = {"auroc": 0.71, "f1": 0.5, "site-auroc": {"site-1": 0.71}}
+    (entry,) = summarise(rows)
     assert entry["seeds"] == [0, 1] and entry["federated"]["auroc"] == pytest.approx(0.76)
     assert entry["targets"] == {
         "federated >= centralised - 0.01": True,
         "federated >= local-only + 0.02": True,
         "federated >= TF-IDF + LR - 0.01": False,
+        "personalised >= local-only at every site": True,
     }

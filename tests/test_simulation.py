@@ -48,6 +48,9 @@ def test_two_sites_two_rounds_write_the_run_directory(tiny_bert_dir: Path, tmp_p
     report = (run_dir / "report.md").read_text()
     assert "| site-1 |" in report and "| site-2 |" in report and "all (weighted)" in report
     assert "local only F1" in report and "centralised F1" in report and "not run" not in report
+    assert "federated + personalised AUROC" in report and "TF-IDF + LR AUROC" in report
+    personalised = json.loads((run_dir / "test-scores-personalised.json").read_text())
+    assert [s["site"] for s in personalised["sites"]] == ["site-1", "site-2"]
     # where each number was computed: both simulated sites told theirs, scoring ran here
     assert "federated training at site-1 cpu, fp32; site-2 cpu, fp32;" in report
     assert "test scoring and baselines here, cpu, fp32" in report
