@@ -26,6 +26,8 @@ from server.runlog import read_rounds, read_run
 
 CARD_JSON = "model-card.json"
 CARD_MD = "MODEL_CARD.md"
+TEST_SUMMARY = "test-summary.json"
+"""A simulated run's test comparison (simulations/report.test_summary), when it has one."""
 SETTINGS = ("model", "lora", "data", "train", "federation", "compression")
 """Config sections the card lists in full (privacy and secure aggregation have their own)."""
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -75,7 +77,15 @@ def build_card(run_dir: Path) -> dict[str, Any]:
         "rounds": [round_summary(row) for row in rows],
         "final": final(rows),
         "adapter": adapter(run_dir, "adapter"),
+        "simulation-test": _read_json(run_dir / TEST_SUMMARY),
     }
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def base_model(path: str) -> dict[str, Any]:
@@ -216,6 +226,7 @@ def render(card: Mapping[str, Any]) -> str:
         )
     if not fin["evaluate"] and not fin["central"]:
         lines.append("No evaluation was run (federation.evaluate-every = 0, no eval-file).")
+    lines += _simulation_test(card.get("simulation-test"))
     lines += [
         "",
         "## Sites",
@@ -271,6 +282,31 @@ def render(card: Mapping[str, Any]) -> str:
         lines.append(f"- **{section}**: {shown}")
     lines += ["", "No record content is kept in this card: settings, counts and metrics only.", ""]
     return "\n".join(lines)
+
+
+def _simulation_test(summary: Mapping[str, Any] | None) -> list[str]:
+    """A simulated run's test comparison: every site's test records pooled, each model's F1
+    and AUROC with its 95% bootstrap interval."""
+    if not summary:
+        return []
+    lines = [
+        "",
+        "Simulation: every site's held-out test records pooled; 95% bootstrap intervals.",
+        "",
+        "| model | F1 | AUROC |",
+        "|---|---|---|",
+    ]
+    for name, found in summary.items():
+        cells = []
+        for metric in ("f1", "auroc"):
+            value = found.get("pooled", {}).get(metric)
+            cells.append(
+                f"{value[0]:.3f} [{value[1]:.3f}, {value[2]:.3f}]"
+                if value and all(_number(v) for v in value)
+                else "n/a"
+            )
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _compute(compute: Mapping[str, Any] | None) -> str:

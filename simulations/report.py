@@ -178,6 +178,28 @@ def intervals(
     return lines
 
 
+def test_summary(
+    federated: Sequence[SiteScore],
+    baselines: Mapping[str, Sequence[SiteScore] | None],
+    resamples: int = RESAMPLES,
+) -> dict[str, Any]:
+    """The comparison as data, for the model card: per model, the pooled F1 and AUROC with
+    95% bootstrap intervals, and each site's values."""
+    models = {FEDERATED: federated, **{m: s for m, s in baselines.items() if s}}
+    found = bootstrap(models, FEDERATED, resamples)
+    summary: dict[str, Any] = {}
+    for mode, scores in models.items():
+        name = FEDERATED if mode == FEDERATED else APPROACHES[mode]
+        pooled = {
+            metric: [interval.estimate, interval.low, interval.high]
+            for metric, interval in found.get(mode, {}).items()
+            if metric in ("f1", "auroc")
+        }
+        sites = {s.site: {m: s.metrics.get(m) for m in ("f1", "auroc")} for s in scores}
+        summary[name] = {"pooled": pooled, "sites": sites}
+    return summary
+
+
 def plot_rounds(rounds: Sequence[Round], plots_dir: Path) -> dict[str, Path]:
     """PNG plots of the rounds into `plots_dir`, by title: train loss, evaluation, traffic.
     A plot with nothing to show is left out."""

@@ -29,12 +29,20 @@ from common.flower import (
     wait_for_port,
 )
 from common.signing import PRIVATE_NAME, PUBLIC_NAME, create_signing_key
+from server.card import TEST_SUMMARY, write_card
 from server.runlog import read_run, write_json
 from server.submit import absolute_paths, app_defaults, config_keys, resume_keys, submit
 from simulations.baseline import load_baselines, train_baselines
 from simulations.personalised import MODE as PERSONALISED
 from simulations.personalised import personalised_scores
-from simulations.report import bayes_aurocs, comparison, computed_in, intervals, write_report
+from simulations.report import (
+    bayes_aurocs,
+    comparison,
+    computed_in,
+    intervals,
+    test_summary,
+    write_report,
+)
 from simulations.scoring import score_sites
 from simulations.synth import DEFAULT_MEAN_RECORDS, ForeignDirectory, check_ours, write_federation
 
@@ -117,6 +125,8 @@ def run_simulation(
             baselines = load_baselines(out, final, data_dir)
     baselines = {PERSONALISED: personal, **baselines}
     report = write_report(run_dir, scores, final, baselines, command)
+    write_json(run_dir / TEST_SUMMARY, test_summary(scores, baselines))
+    write_card(run_dir)  # again, now with the test comparison
     print("\nTest metrics on each site's held-out file: federated against the baselines")
     print("\n".join(comparison(scores, baselines, command, bayes_aurocs(data_dir))))
     print("\n" + "\n".join(intervals(scores, baselines)))

@@ -13,7 +13,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from test_federation import HandlerGrid, _config, _run
 
 from common.sitename import SITE_KEY, site_name
-from server.card import CARD_JSON, CARD_MD, build_card
+from server.card import CARD_JSON, CARD_MD, TEST_SUMMARY, build_card, write_card
 from server.replies import told_compute, told_name
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -61,6 +61,17 @@ def test_a_finished_run_writes_a_card_with_its_making_and_no_record_text(
     for written in (run_dir / CARD_JSON, run_dir / CARD_MD):
         assert CANARY not in written.read_text()
     assert build_card(run_dir) == card  # rebuilt from the run's own records
+    assert card["simulation-test"] is None and "Simulation:" not in markdown
+    # a simulation adds its test comparison (simulations/report.test_summary) to the card
+    summary = {
+        "federated": {"pooled": {"f1": [0.61, 0.55, 0.66], "auroc": [0.79, 0.75, 0.83]}},
+        "TF-IDF + LR": {"pooled": {"f1": [0.6, 0.5, 0.7], "auroc": [0.81, 0.77, 0.85]}},
+    }
+    (run_dir / TEST_SUMMARY).write_text(json.dumps(summary))
+    card = write_card(run_dir)
+    assert card["simulation-test"] == summary
+    markdown = (run_dir / CARD_MD).read_text()
+    assert "| TF-IDF + LR | 0.600 [0.500, 0.700] | 0.810 [0.770, 0.850] |" in markdown
 
 
 def test_site_names_come_from_node_config_or_the_simulated_partition() -> None:

@@ -49,6 +49,12 @@ def test_two_sites_two_rounds_write_the_run_directory(tiny_bert_dir: Path, tmp_p
     assert "| site-1 |" in report and "| site-2 |" in report and "all (weighted)" in report
     assert "local only F1" in report and "centralised F1" in report and "not run" not in report
     assert "federated + personalised AUROC" in report and "TF-IDF + LR AUROC" in report
+    card = json.loads((run_dir / "model-card.json").read_text())
+    assert set(card["simulation-test"]) >= {"federated", "local only", "TF-IDF + LR"}
+    assert (
+        "Simulation: every site's held-out test records pooled"
+        in (run_dir / "MODEL_CARD.md").read_text()
+    )
     personalised = json.loads((run_dir / "test-scores-personalised.json").read_text())
     assert [s["site"] for s in personalised["sites"]] == ["site-1", "site-2"]
     # where each number was computed: both simulated sites told theirs, scoring ran here
