@@ -102,7 +102,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--no-baselines",
         action="store_true",
-        help="skip training the baselines and references (reused when present)",
+        help="skip personalisation and training the baselines and references (baselines "
+        "and references are reused when present)",
     )
     _add_baseline(sub)
     return parser

@@ -60,8 +60,9 @@ def run_simulation(
     scored: bool = True,
 ) -> Path:
     """Run (or resume) the federation, score its adapter at every site and, unless told not
-    to, train the local-only and centralised baselines it is compared with (reused when
-    OUT already holds them for the same settings and data); returns the run directory.
+    to, personalise it at every site and train the baselines and references it is compared
+    with (reused when OUT already holds them for the same settings and data); returns the
+    run directory.
     Without `scored`, only the run (for benchmarks of the run itself)."""
     defaults = app_defaults()
     if resume is not None:
@@ -108,22 +109,22 @@ def run_simulation(
     final = load_config({**defaults, **keys})
     scores = score_sites(run_dir / "adapter", final, data_dir)
     write_json(run_dir / "test-scores.json", [asdict(score) for score in scores])
-    print("personalising the global adapter at each site (kept where validation improves)")
-    personal, how = personalised_scores(run_dir / "adapter", final, data_dir)
-    write_json(
-        run_dir / "test-scores-personalised.json",
-        {"sites": how, "scores": [asdict(score) for score in personal]},
-    )
     command = "fedtune-sim baseline" + (f" --config {override}" if override else "")
     command += f" --out {out}"
     baselines = load_baselines(out, final, data_dir)
     if with_baselines:
+        print("personalising the global adapter at each site (kept where validation improves)")
+        personal, how = personalised_scores(run_dir / "adapter", final, data_dir, scores)
+        write_json(
+            run_dir / "test-scores-personalised.json",
+            {"sites": how, "scores": [asdict(score) for score in personal]},
+        )
+        baselines = {PERSONALISED: personal, **baselines}
         missing = [mode for mode, found in baselines.items() if found is None]
         if missing:
             print(f"training baselines: {', '.join(missing)} (LoRA: the federation's budget)")
             train_baselines(missing, final, data_dir, out, progress=print)
-            baselines = load_baselines(out, final, data_dir)
-    baselines = {PERSONALISED: personal, **baselines}
+            baselines.update(load_baselines(out, final, data_dir))
     report = write_report(run_dir, scores, final, baselines, command)
     write_json(run_dir / TEST_SUMMARY, test_summary(scores, baselines))
     write_card(run_dir)  # again, now with the test comparison

@@ -90,3 +90,26 @@ def test_the_site_command_writes_the_kept_adapter(
     assert "validation auroc: global" in printed and "keeping the personalised adapter" in printed
     state, saved = load_adapter(out)
     assert saved.r == 4 and any("classifier" in k for k in state)
+
+
+def test_a_simulated_site_with_invalid_training_data_keeps_the_global_adapter(
+    tiny_bert_dir: Path, global_adapter: Path, tmp_path: Path
+) -> None:
+    from simulations.personalised import personalised_scores
+    from simulations.scoring import score_sites
+    from simulations.synth import write_federation
+
+    data = tmp_path / "federation"
+    write_federation(data, num_sites=2, seed=0, records_per_site=40, test_records=10)
+    broken = data / "site-2" / "train.jsonl"
+    broken.write_text(broken.read_text() + '{"text": "a note", "label": "maybe"}\n')
+    cfg = _cfg(tiny_bert_dir, **{"train.local-steps": 2})
+    federated = score_sites(global_adapter, cfg, data)
+    scores, done = personalised_scores(global_adapter, cfg, data, federated)
+    assert [s.site for s in scores] == ["site-1", "site-2"]
+    assert scores[1] == federated[1] and done[1] == {
+        "site": "site-2",
+        "kept": False,
+        "skipped": "invalid data",
+    }
+    assert done[0]["site"] == "site-1" and "before" in done[0]
