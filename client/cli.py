@@ -350,7 +350,7 @@ def _lengths(records: list[Record], cfg: FedtuneConfig) -> Lengths:
     from common.model import load_tokenizer, resolve_model_path
 
     tokenizer = load_tokenizer(resolve_model_path(cfg.model.path))
-    return measure_lengths(records, tokenizer, cfg.data.max_length)
+    return measure_lengths(records, tokenizer, cfg.data.max_length, cfg.data.truncation)
 
 
 def _train(args: argparse.Namespace) -> int:

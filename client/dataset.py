@@ -66,9 +66,9 @@ def _prepare(records: list[Record], cfg: FedtuneConfig) -> SiteData:
     splits = site_splits(records, cfg)
     labels = Counter(r.label for r in records if isinstance(r, TextRecord))
     return SiteData(
-        train=tokenize(splits.train, tokenizer, cfg.data.max_length),
-        val=tokenize(splits.val, tokenizer, cfg.data.max_length),
-        test=tokenize(splits.test, tokenizer, cfg.data.max_length),
+        train=tokenize(splits.train, tokenizer, cfg.data.max_length, cfg.data.truncation),
+        val=tokenize(splits.val, tokenizer, cfg.data.max_length, cfg.data.truncation),
+        test=tokenize(splits.test, tokenizer, cfg.data.max_length, cfg.data.truncation),
         label_counts=dict(sorted(labels.items())),
-        lengths=measure_lengths(records, tokenizer, cfg.data.max_length),
+        lengths=measure_lengths(records, tokenizer, cfg.data.max_length, cfg.data.truncation),
     )

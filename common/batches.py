@@ -33,14 +33,34 @@ class Tokenized:
         return np.fromiter((len(ids) for ids in self.input_ids), dtype=np.int64)
 
 
+TRUNCATIONS = ("head", "head-tail")
+HEAD_SHARE = 4
+"""head-tail keeps the first 1/HEAD_SHARE of the budget from a long text's start and the
+rest from its end (the split Sun et al. 2019 found best for long-document BERT classifiers)."""
+
+
 def tokenize(
-    records: Sequence[Record], tokenizer: PreTrainedTokenizerBase, max_length: int
+    records: Sequence[Record],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    truncation: str = "head",
 ) -> Tokenized:
-    """Tokenise a split with truncation to `max_length`; no padding yet."""
+    """Tokenise a split, each record cut to `max_length` tokens; no padding yet.
+
+    A text longer than that keeps its first tokens (`head`), or its first quarter and its
+    last three quarters (`head-tail`: the end of a discharge note holds the disposition and
+    the follow-up). An instruction keeps the end of its prompt and its response either way.
+    """
+    if truncation not in TRUNCATIONS:
+        raise ValueError(f"truncation must be one of {', '.join(TRUNCATIONS)}, got {truncation!r}")
     pad_id = int(tokenizer.pad_token_id)
     if records and isinstance(records[0], TextRecord):
         texts = [r.text for r in records if isinstance(r, TextRecord)]
-        encoded = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+        if truncation == "head":
+            encoded = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+        else:
+            full = tokenizer(texts, truncation=False, verbose=False)["input_ids"]
+            encoded = [head_and_tail(ids, max_length) for ids in full]
         labels = [
             IGNORE if r.label is None else r.label for r in records if isinstance(r, TextRecord)
         ]
@@ -49,6 +69,15 @@ def tokenize(
         _instruct_ids(r, tokenizer, max_length) for r in records if isinstance(r, InstructRecord)
     ]
     return Tokenized([ids for ids, _ in pairs], [labels for _, labels in pairs], pad_id)
+
+
+def head_and_tail(ids: list[int], max_length: int) -> list[int]:
+    """`ids` cut to `max_length`: the first max_length/HEAD_SHARE tokens and the last rest,
+    so both the start token and the end token of the model's template stay."""
+    if len(ids) <= max_length:
+        return list(ids)
+    head = max(max_length // HEAD_SHARE, 1)
+    return [*ids[:head], *ids[len(ids) - (max_length - head) :]]
 
 
 def token_lengths(records: Sequence[Record], tokenizer: PreTrainedTokenizerBase) -> np.ndarray:

@@ -112,6 +112,10 @@ class DataSettings(_Section):
     max_length: int = Field(128, ge=8, le=32768)
     """Tokens per example after truncation."""
 
+    truncation: Literal["head", "head-tail"] = "head"
+    """Which tokens of a text longer than max-length are kept: its start (`head`), or its
+    first quarter and last three quarters (`head-tail`). Instructions keep their end."""
+
     label_names: str = ""
     """Comma-separated class names in label order (e.g. `no,yes`); records may then use the
     names or their indices. Empty: labels must be integers 0..num-labels-1."""

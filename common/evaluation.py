@@ -27,7 +27,7 @@ def load_eval_file(path: Path, cfg: FedtuneConfig) -> Tokenized:
 def tokenize_records(records: Sequence[Record], cfg: FedtuneConfig) -> Tokenized:
     """Records as token ids, with the model's tokenizer and data.max-length."""
     tokenizer = load_tokenizer(resolve_model_path(cfg.model.path))
-    return tokenize(records, tokenizer, cfg.data.max_length)
+    return tokenize(records, tokenizer, cfg.data.max_length, cfg.data.truncation)
 
 
 def balanced_class_weights(labels: Sequence[int], num_labels: int) -> torch.Tensor:

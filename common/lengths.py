@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from common.batches import token_lengths
+from common.batches import HEAD_SHARE, token_lengths
 from common.records import InstructRecord, Record
 
 
@@ -26,7 +26,9 @@ class Lengths:
     p90: int
     longest: int
     kept: str
-    """Which part of a cut record is used: its start (notes) or its end (instructions)."""
+    """Which part of a cut record is used: its start or start and end (notes), or its end
+    (instructions)."""
+    advice: str = "Raise data.max-length to use more of them (slower)"
 
     @property
     def share_over(self) -> float:
@@ -42,14 +44,24 @@ class Lengths:
         return (
             f"lengths: {self.over} of {self.records} records ({self.share_over:.0%}) are longer "
             f"than data.max-length {self.max_length} tokens ({lengths}); training and scoring "
-            f"use {self.kept} of each. Raise data.max-length to use more of them (slower)"
+            f"use {self.kept} of each. {self.advice}"
         )
 
 
+HEAD_ONLY_ADVICE = (
+    "Raise data.max-length to use more of them (slower), or set data.truncation = "
+    '"head-tail" to keep their ends'
+)
+
+
 def measure_lengths(
-    records: Sequence[Record], tokenizer: PreTrainedTokenizerBase, max_length: int
+    records: Sequence[Record],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    truncation: str = "head",
 ) -> Lengths:
-    """The lengths of `records` under `tokenizer`, against `max_length`."""
+    """The lengths of `records` under `tokenizer`, against `max_length` (and which part of a
+    longer record `truncation` keeps)."""
     lengths = token_lengths(records, tokenizer)
     if not len(lengths):
         lengths = np.zeros(1, dtype=np.int64)
@@ -61,5 +73,15 @@ def measure_lengths(
         median=int(np.median(lengths)),
         p90=int(np.percentile(lengths, 90)),
         longest=int(lengths.max()),
-        kept=f"the {'last' if instruct else 'first'} {max_length} tokens",
+        kept=_kept(max_length, truncation, instruct),
+        **({"advice": HEAD_ONLY_ADVICE} if truncation == "head" and not instruct else {}),
     )
+
+
+def _kept(max_length: int, truncation: str, instruct: bool) -> str:
+    if instruct:
+        return f"the last {max_length} tokens"
+    if truncation == "head-tail":
+        head = max(max_length // HEAD_SHARE, 1)
+        return f"the first {head} and the last {max_length - head} tokens"
+    return f"the first {max_length} tokens"

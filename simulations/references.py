@@ -112,7 +112,7 @@ def embed(encoder: torch.nn.Module, records: Sequence[Record], cfg: FedtuneConfi
     """Mean of the last hidden states over each record's tokens (truncated to
     data.max-length), on the CPU in the precision `model.precision` means there."""
     tokenizer = load_tokenizer(resolve_model_path(cfg.model.path))
-    data = tokenize(records, tokenizer, cfg.data.max_length)
+    data = tokenize(records, tokenizer, cfg.data.max_length, cfg.data.truncation)
     dtype = resolve_compute(cfg.model.model_copy(update={"device": "cpu"})).dtype
     out = np.zeros((len(data), encoder.config.hidden_size), dtype=np.float32)
     # Records of one length per batch: no padding, so the mean runs over every position.

@@ -201,6 +201,30 @@ def test_lengths_count_the_records_truncation_cuts(minilm_dir: Path) -> None:
     assert measure_lengths(records[:1], tokenizer, 16).over == 0
 
 
+def test_head_tail_truncation_keeps_the_start_and_the_end_of_a_long_note(
+    minilm_dir: Path,
+) -> None:
+    tokenizer = load_tokenizer(minilm_dir)
+    words = [f"w{i}" for i in range(200)]
+    note = TextRecord(row=1, text=" ".join(words) + " discharged home", label=1)
+    short = TextRecord(row=2, text="stable", label=0)
+    full = tokenizer(note.text)["input_ids"]
+    data = tokenize([note, short], tokenizer, 32, truncation="head-tail")
+    cut = data.input_ids[0]
+    assert len(cut) == 32 and cut[:8] == full[:8] and cut[8:] == full[-24:]
+    assert cut[0] == tokenizer.cls_token_id and cut[-1] == tokenizer.sep_token_id
+    assert tokenizer.decode(cut[-3:-1]) == "discharged home"
+    assert data.input_ids[1] == tokenizer(short.text)["input_ids"]  # short records untouched
+    head = tokenize([note], tokenizer, 32).input_ids[0]
+    assert head == full[:31] + [tokenizer.sep_token_id]  # the default keeps the start only
+    assert "the first 8 and the last 24 tokens" in measure_lengths(
+        [note], tokenizer, 32, "head-tail"
+    ).summary()
+    assert 'data.truncation = "head-tail"' in measure_lengths([note], tokenizer, 32).summary()
+    with pytest.raises(ValueError, match="truncation must be one of head, head-tail"):
+        tokenize([note], tokenizer, 32, truncation="tail")
+
+
 def test_instruction_labels_cover_only_the_completion(minilm_dir: Path) -> None:
     tokenizer = load_tokenizer(minilm_dir)
     record = InstructRecord(row=1, segments=(("is the risk high ?", False), ("yes", True)))
