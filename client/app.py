@@ -161,7 +161,7 @@ def train(msg: Message, context: Context) -> Message:
         metrics[DP_WEIGHT] = 1  # under DP the coordinator averages with equal weights
     content = RecordDict({"arrays": record, "metrics": MetricRecord(metrics)})
     told = dict(result.compute)
-    if name := site_name(context.node_config):
+    if name := site_name(context.node_config, context.run_config):
         told["name"] = name
     if told:
         content[SITE_KEY] = ConfigRecord(told)

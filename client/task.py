@@ -13,6 +13,7 @@ from typing import Literal
 import numpy as np
 
 from common.config import FedtuneConfig, parse_ranks
+from common.sitefiles import site_at
 
 Op = Literal["train", "evaluate"]
 Metrics = dict[str, int | float]
@@ -92,12 +93,13 @@ class Result:
 
 
 def site_data_path(node_config: Mapping[str, object], cfg: FedtuneConfig) -> Path:
-    """The site's data file, from node config `data-path` or the simulated `partition-id`."""
+    """The site's data file, from node config `data-path`, or for simulated `partition-id`
+    k the k-th site's training file in simulation.data-dir (common/sitefiles.py)."""
     if "data-path" in node_config:
         return Path(str(node_config["data-path"]))
     if "partition-id" in node_config:
-        site = int(str(node_config["partition-id"])) + 1
-        return Path(cfg.simulation.data_dir) / f"site-{site}" / "train.jsonl"
+        partition = int(str(node_config["partition-id"]))
+        return site_at(Path(cfg.simulation.data_dir), partition).train
     raise ValueError(
         "node config has neither data-path (deployment) nor partition-id (simulation); start "
         "the site with --node-config 'data-path=\"/abs/path/records.jsonl\"'"

@@ -303,14 +303,41 @@ class SimulationSettings(_Section):
     """Where simulated sites find their data (deployed sites use node config data-path)."""
 
     data_dir: str = "data/federation"
-    """Directory of a synthetic federation (`fedtune-sim data`); simulated site k (partition
-    id k) trains on DATA_DIR/site-(k+1)/train.jsonl."""
+    """Directory of site folders, each holding a training file and optionally a test file
+    (SITE/train.csv, SITE/test.csv; .jsonl, .ndjson, .csv or .parquet): the researcher's
+    own federation, only ever read; or, when missing or empty, where `fedtune-sim run`
+    writes the synthetic one. Simulated site k (partition id k) trains on the k-th site's
+    training file (common/sitefiles.py says in which order)."""
+
+    records_file: str = ""
+    """One records file (.jsonl, .ndjson, .csv or .parquet) to split into the simulated
+    sites, by simulation.site-column or simulation.partitioner; `fedtune-sim run --out OUT`
+    writes the sites, records copied unchanged, to OUT/federation-DIGEST/ and reads no
+    data-dir. Empty: the sites are data-dir's."""
+
+    site_column: str = ""
+    """With records-file: the field naming each record's site (e.g. `hospital`), one site
+    per value; a site's name is its value lower-cased, other characters than letters,
+    digits, '.', '_' and '-' written as '-'."""
+
+    partitioner: Literal["", "iid", "dirichlet", "size"] = ""
+    """With records-file: split it into num-sites sites with a flwr-datasets partitioner,
+    after a shuffle seeded by data-seed: `iid` (IidPartitioner, equal random shares),
+    `dirichlet` (DirichletPartitioner: each label's records spread over the sites by a
+    Dirichlet(dirichlet-alpha) draw; label skew, classification only) or `size`
+    (LinearPartitioner: site k gets k shares; size skew)."""
+
+    dirichlet_alpha: float = Field(0.5, gt=0, le=1e6)
+    """Concentration of the `dirichlet` partitioner: 0.1 gives each site mostly one
+    label's records, 100 nearly the same label mix at every site."""
 
     num_sites: int = Field(3, ge=1, le=100_000)
-    """Simulated sites (`fedtune-sim run`), and sites of the synthetic federation it makes."""
+    """Simulated sites (`fedtune-sim run`): of the synthetic federation it makes, or made
+    by simulation.partitioner. Site folders and site-column bring their own count."""
 
     data_seed: int = Field(0, ge=0)
-    """Seed of the synthetic federation, when `fedtune-sim run` has to make it."""
+    """Seed of the synthetic federation, when `fedtune-sim run` has to make it, and of
+    simulation.partitioner's shuffle and draws."""
 
     heterogeneity: float = Field(1.0, ge=0, le=5)
     """How much the synthetic sites differ in case mix, prevalence and size: 0 makes them
@@ -451,6 +478,32 @@ class FedtuneConfig(_Section):
                 f"privacy.noise-multiplier needs federation.strategy {' or '.join(DP_STRATEGIES)}"
                 f" (uniform averaging, which the accounting assumes); got "
                 f'"{self.federation.strategy}"'
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _records_file_is_split_one_way(self) -> FedtuneConfig:
+        sim = self.simulation
+        how = [
+            k for k, v in (("site-column", sim.site_column), ("partitioner", sim.partitioner)) if v
+        ]
+        if not sim.records_file:
+            if how:
+                raise ValueError(
+                    f"simulation.{how[0]} splits simulation.records-file, which is not set; "
+                    "name the records file to split, or drop the key"
+                )
+            return self
+        if len(how) != 1:
+            raise ValueError(
+                "simulation.records-file is split into sites by simulation.site-column (a "
+                "field naming each record's site) or simulation.partitioner (iid, dirichlet, "
+                f"size): set {'one of them' if not how else 'only one'}"
+            )
+        if sim.partitioner == "dirichlet" and self.model.task != "classification":
+            raise ValueError(
+                'simulation.partitioner "dirichlet" spreads each label over the sites; '
+                f'model.task "{self.model.task}" has no labels: use "iid" or "size"'
             )
         return self
 

@@ -7,9 +7,12 @@ fine-tuning (`tfidf`, `probe`: simulations/references.py).
 The LoRA baselines start from the shared initial adapter and get the federation's budget:
 `federation.rounds` training calls on one learning-rate schedule spanning them, each of
 `steps_per_call` steps, exactly as a site trains across rounds, so every record is seen as
-often as in the federation. Results go to OUT/baseline-{mode}.json, with every test record's
-label and class probabilities, a digest of the settings that shape them and the sha256 of
-DATA_DIR/federation.json; a later run with the same settings and data reuses them.
+often as in the federation. Every model is scored where each site is scored (its test file,
+or its training file's test share: simulations/federation.py). Results go to
+OUT/baseline-{mode}.json, with every test record's label and class probabilities, a digest
+of the settings that shape them and a sha256 identifying the data
+(simulations/federation.py `data_hash`); a later run with the same settings and data reuses
+them.
 """
 
 from __future__ import annotations
@@ -33,10 +36,12 @@ from client.train import TrainResult, schedule_over, steps_per_call, train_local
 from common.adapter import get_adapter_state, save_adapter
 from common.batches import Tokenized
 from common.config import FedtuneConfig
-from common.evaluation import load_eval_file, score
+from common.evaluation import score
 from common.model import build_model, resolve_model_path, set_threads
 from common.precision import resolve_compute
+from common.sitefiles import Site, find_sites
 from server.runlog import write_json
+from simulations.federation import data_hash, scored_set
 from simulations.references import REFERENCES, fit_reference
 from simulations.scoring import SiteScore, site_score
 
@@ -74,23 +79,6 @@ def baseline_digest(cfg: FedtuneConfig) -> str:
     return hashlib.sha256(json.dumps(baseline_settings(cfg), sort_keys=True).encode()).hexdigest()
 
 
-def data_hash(data_dir: Path) -> str:
-    """sha256 of DATA_DIR/federation.json, which names every site and its sizes."""
-    return hashlib.sha256(_federation_file(data_dir).read_bytes()).hexdigest()
-
-
-def federation_sites(data_dir: Path) -> list[str]:
-    """Site names listed in DATA_DIR/federation.json, in order."""
-    path = _federation_file(data_dir)
-    try:
-        sites = [str(s["name"]) for s in json.loads(path.read_text())["sites"]]
-    except (ValueError, KeyError, TypeError) as e:
-        raise BaselineError(f"{path}: not a federation summary ({e}); remake it") from e
-    if not sites:
-        raise BaselineError(f"{path}: lists no sites; remake the federation")
-    return sites
-
-
 def baseline_path(out: Path, mode: str) -> Path:
     """Where `run_baseline` writes the results of `mode`."""
     _check_mode(mode)
@@ -106,43 +94,40 @@ def run_baseline(
 ) -> Path:
     """Train and score the `mode` baseline; returns OUT/baseline-{mode}.json.
 
-    local: each site trains alone on its own train split and is scored on its own test.jsonl.
+    local: each site trains alone on its own train split and is scored where it is scored.
     centralized: one adapter trains on the pooled train splits and is scored at every site.
     Adapters are kept next to the results, in OUT/baseline-{mode}/NAME/ (PEFT layout).
     """
     _check_mode(mode)
     say = progress or log.info
     data_dir, out = Path(data_dir).resolve(), Path(out)
-    sites = federation_sites(data_dir)
-    for site in sites:
-        for name in ("train.jsonl", "test.jsonl"):
-            if not (data_dir / site / name).is_file():
-                raise BaselineError(
-                    f"{data_dir / site / name} missing; remake the federation with fedtune-sim data"
-                )
+    sites = find_sites(data_dir)
+    names = [site.name for site in sites]
     set_threads(cfg.train.num_threads)
     started = time.perf_counter()
     trained: list[dict[str, Any]] = []
     scores: list[SiteScore] = []
     if mode in REFERENCES:
-        scores, fitted = fit_reference(mode, cfg, data_dir, sites, say)
+        scores, fitted = fit_reference(mode, cfg, sites, say)
         trained.append(fitted)
         return _write_result(mode, cfg, data_dir, out, started, trained, scores)
-    splits = {site: load_site(data_dir / site / "train.jsonl", cfg).train for site in sites}
+    splits = {site.name: load_site(site.train, cfg).train for site in sites}
     adapters = out / f"baseline-{mode}"
     if mode == "local":
         for site in sites:
-            say(f"local {site}: training on {len(splits[site])} records")
-            model, info = _train(cfg, splits[site], [site], adapters / site, say, f"local {site}")
+            data = splits[site.name]
+            say(f"local {site.name}: training on {len(data)} records")
+            label = f"local {site.name}"
+            model, info = _train(cfg, data, [site.name], adapters / site.name, say, label)
             trained.append(info)
-            scores.append(_score(model, cfg, data_dir, site, say, "local"))
+            scores.append(_score(model, cfg, site, say, "local"))
     else:
-        pool = pool_splits([splits[s] for s in sites])
-        extra = _pooled_budget(cfg, [len(splits[s]) for s in sites])
+        pool = pool_splits([splits[s] for s in names])
+        extra = _pooled_budget(cfg, [len(splits[s]) for s in names])
         say(f"centralized: training on {len(pool)} pooled records of {len(sites)} sites")
-        model, info = _train(cfg, pool, sites, adapters / "pooled", say, "centralized", **extra)
+        model, info = _train(cfg, pool, names, adapters / "pooled", say, "centralized", **extra)
         trained.append(info)
-        scores = [_score(model, cfg, data_dir, site, say, "centralized") for site in sites]
+        scores = [_score(model, cfg, site, say, "centralized") for site in sites]
     return _write_result(mode, cfg, data_dir, out, started, trained, scores)
 
 
@@ -319,30 +304,20 @@ def _pooled_budget(cfg: FedtuneConfig, site_sizes: list[int]) -> dict[str, objec
 
 
 def _score(
-    model: PeftModel, cfg: FedtuneConfig, data_dir: Path, site: str, say: Progress, label: str
+    model: PeftModel, cfg: FedtuneConfig, site: Site, say: Progress, label: str
 ) -> SiteScore:
-    """The trained model scored on the site's held-out test file."""
-    test = load_eval_file(data_dir / site / "test.jsonl", cfg)
-    scored = site_score(site, score(model, test, cfg))
+    """The trained model scored on the site's held-out test records."""
+    test = scored_set(site, cfg)
+    scored = site_score(site.name, score(model, test, cfg))
     metrics = scored.metrics
     shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("f1", "auroc", "loss") if k in metrics)
-    say(f"{label} {site}: test {shown} on {len(test)} records")
+    say(f"{label} {site.name}: test {shown} on {len(test)} records")
     return scored
 
 
 def _json_metrics(metrics: dict[str, float]) -> dict[str, float | None]:
     """NaN (an AUROC with one class present) as null, so the file is strict JSON."""
     return {k: None if math.isnan(v) else v for k, v in metrics.items()}
-
-
-def _federation_file(data_dir: Path) -> Path:
-    path = Path(data_dir) / "federation.json"
-    if not path.is_file():
-        raise BaselineError(
-            f"no federation at {data_dir} ({path.name} missing); make one with "
-            f"`fedtune-sim data --sites 3 --out {data_dir}` or set simulation.data-dir"
-        )
-    return path
 
 
 def _check_mode(mode: str) -> None:

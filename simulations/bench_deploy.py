@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     from common.config import load_config
     from common.precision import hardware
     from server.submit import app_defaults
-    from simulations.run import ensure_federation
+    from simulations.federation import ensure_federation
 
     keys = {"federation.rounds": args.rounds, "train.num-threads": 1}
     data = ensure_federation(load_config({**app_defaults(), **keys}))

@@ -78,8 +78,10 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser(
         "run",
         help="run a simulated federation on Flower's simulation engine",
-        description="Create the synthetic federation if missing, run the Flower app on it "
-        "with a private local SuperLink, and stop that SuperLink afterwards.",
+        description="Make the federation ready (the synthetic one written if missing; or "
+        "simulation.data-dir's site folders, only read; or simulation.records-file split into "
+        "sites under --out), run the Flower app on it with a private local SuperLink, and stop "
+        "that SuperLink afterwards.",
     )
     run.add_argument("--config", type=Path, help="TOML file overriding the default settings")
     run.add_argument(
@@ -145,25 +147,17 @@ def _baseline(args: argparse.Namespace) -> int:
     from common.config import ConfigError, load_config
     from server.submit import app_defaults
     from simulations.baseline import LORA_MODES, load_baseline, modes_for, train_baselines
+    from simulations.federation import prepare_federation
     from simulations.references import REFERENCES
     from simulations.report import APPROACHES, table
-    from simulations.run import SimulationError, _absolute
+    from simulations.run import SimulationError
 
     results = {}
     try:
         cfg = load_config(app_defaults(), args.config)
         groups = {"both": LORA_MODES, "references": REFERENCES, "all": modes_for(cfg)}
         modes = groups.get(args.mode, (args.mode,))
-        data_dir = _absolute(cfg.simulation.data_dir)
-        if not (data_dir / "federation.json").is_file():
-            sim = cfg.simulation
-            print(
-                f"fedtune-sim baseline: error: no federation at {data_dir}; make it with "
-                f"`fedtune-sim data --sites {sim.num_sites} --seed {sim.data_seed} --out "
-                f"{data_dir}` (or point simulation.data-dir at one)",
-                file=sys.stderr,
-            )
-            return 1
+        data_dir = prepare_federation(cfg, args.out, synthesise=False).directory
         missing = []
         for mode in modes:
             results[mode] = None if args.force else load_baseline(args.out, cfg, data_dir, mode)
@@ -189,6 +183,8 @@ def _run(args: argparse.Namespace) -> int:
     from common.config import ConfigError
     from common.files import StorageError
     from common.flower import FlowerProcessError
+    from common.records import DataError
+    from common.sitefiles import FederationError
     from server.checkpoint import CheckpointError
     from server.submit import SubmitError
     from simulations.baseline import BaselineError
@@ -206,6 +202,8 @@ def _run(args: argparse.Namespace) -> int:
         SubmitError,
         CheckpointError,
         BaselineError,
+        FederationError,
+        DataError,
     ) as e:
         print(f"fedtune-sim run: {e}", file=sys.stderr)
         return 1

@@ -31,7 +31,7 @@ from common.config import load_config
 from common.precision import hardware
 from server.runlog import read_rounds, read_run, write_json
 from server.submit import app_defaults
-from simulations.run import ensure_federation
+from simulations.federation import ensure_federation
 from simulations.scoring import score_sites, weighted_mean
 from simulations.variants import run_variant
 

@@ -1,6 +1,7 @@
 """Reference points that need neither a federation nor fine-tuning, for a classification task:
 trained centrally on every site's training split (the records the fedtune models train on)
-and scored on each site's test file, so that a report shows when fine-tuning is not worth it.
+and scored where each site is scored (simulations/federation.py), so that a report shows when
+fine-tuning is not worth it.
 
 - `tfidf`: TF-IDF of word 1-2 grams, then logistic regression;
 - `probe`: logistic regression on the frozen base model's mean-pooled last hidden states
@@ -30,6 +31,8 @@ from common.metrics import classification_metrics
 from common.model import load_base_model, load_tokenizer, resolve_model_path
 from common.precision import autocast, resolve_compute
 from common.records import Record, TextRecord, load_records
+from common.sitefiles import Site
+from simulations.federation import scored_records
 from simulations.scoring import SiteScore
 
 log = logging.getLogger(__name__)
@@ -45,17 +48,17 @@ class ReferenceError(ValueError):
 
 
 def fit_reference(
-    name: str, cfg: FedtuneConfig, data_dir: Path, sites: Sequence[str], say: Progress
+    name: str, cfg: FedtuneConfig, sites: Sequence[Site], say: Progress
 ) -> tuple[list[SiteScore], dict[str, Any]]:
-    """Fit reference `name` on the pooled training splits of `sites`; score it on each site's
-    test.jsonl. Returns the scores and what was fitted."""
+    """Fit reference `name` on the pooled training splits of `sites`; score it on the
+    records each site is scored on. Returns the scores and what was fitted."""
     if cfg.model.task != "classification":
         raise ReferenceError(f"the {name} reference is for classification, not {cfg.model.task}")
-    train = [r for s in sites for r in _train_split(data_dir / s / "train.jsonl", cfg)]
-    tests = {s: load_records(data_dir / s / "test.jsonl", cfg.model, cfg.data) for s in sites}
+    train = [r for s in sites for r in _train_split(s.train, cfg)]
+    tests = {s.name: scored_records(s, cfg) for s in sites}
     say(f"{name}: fitting on {len(train)} pooled training records of {len(sites)} sites")
     features = _tfidf if name == "tfidf" else _embeddings
-    x_train, x_tests = features(train, [tests[s] for s in sites], cfg)
+    x_train, x_tests = features(train, [tests[s.name] for s in sites], cfg)
     model = LogisticRegressionCV(
         Cs=C_GRID,
         cv=5,
@@ -70,10 +73,10 @@ def fit_reference(
     for site, x_test in zip(sites, x_tests, strict=True):
         probs = np.zeros((x_test.shape[0], cfg.model.num_labels))
         probs[:, model.classes_] = model.predict_proba(x_test)
-        labels = _labels(tests[site])
+        labels = _labels(tests[site.name])
         metrics = classification_metrics(labels, probs)  # no loss: none comparable to ours
-        say(f"{name} {site}: test f1 {metrics['f1']:.3f}, auroc {metrics['auroc']:.3f}")
-        scores.append(SiteScore(site, len(labels), metrics, labels.tolist(), probs.tolist()))
+        say(f"{name} {site.name}: test f1 {metrics['f1']:.3f}, auroc {metrics['auroc']:.3f}")
+        scores.append(SiteScore(site.name, len(labels), metrics, labels.tolist(), probs.tolist()))
     fitted = {"train-records": len(train), "features": x_train.shape[1], "C": float(model.C_)}
     return scores, fitted
 

@@ -3,7 +3,9 @@
     fedtune-sim run [--config simulations/configs/NAME.toml] [--sites 3]
     fedtune-sim run --resume runs/sim/run-NNN       # continue an interrupted run
 
-Creates the synthetic federation if it is missing, starts a private local SuperLink (its own
+Makes the federation ready (simulations/federation.py: the synthetic one written if missing,
+the researcher's site folders checked, or a records file split into sites), starts a
+private local SuperLink (its own
 FLWR_HOME and ports inside the run's output directory, runtime dependency installation and
 telemetry off), submits the app with `flwr run`, streams its log, and stops the SuperLink by
 PID afterwards, whatever happened.
@@ -11,7 +13,6 @@ PID afterwards, whatever happened.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from dataclasses import asdict
@@ -33,6 +34,7 @@ from server.card import TEST_SUMMARY, write_card
 from server.runlog import read_run, write_json
 from server.submit import absolute_paths, app_defaults, config_keys, resume_keys, submit
 from simulations.baseline import load_baselines, train_baselines
+from simulations.federation import prepare_federation
 from simulations.personalised import MODE as PERSONALISED
 from simulations.personalised import personalised_scores
 from simulations.report import (
@@ -44,7 +46,6 @@ from simulations.report import (
     write_report,
 )
 from simulations.scoring import score_sites
-from simulations.synth import DEFAULT_MEAN_RECORDS, ForeignDirectory, check_ours, write_federation
 
 
 class SimulationError(FlowerProcessError):
@@ -74,8 +75,14 @@ def run_simulation(
             keys["simulation.num-sites"] = sites
     cfg = load_config({**defaults, **keys})  # fail on a bad key before anything starts
     out = check_writable(out, "--out")  # and on a directory it cannot write
-    data_dir = ensure_federation(cfg)
+    asked = keys.get("simulation.num-sites")
+    federation = prepare_federation(cfg, out, int(str(asked)) if asked is not None else None)
+    data_dir = federation.directory
+    if federation.kind != "synthetic":
+        print(f"simulating {len(federation.sites)} sites of {data_dir}:")
+        print("\n".join(f"  {line}" for line in federation.notes))
     keys.update(_absolute_paths(cfg, data_dir, out))
+    keys["simulation.num-sites"] = len(federation.sites)
     keys.update(_signing_keys(out))
     home = out / "flwr-home"
     home.mkdir(exist_ok=True)
@@ -86,12 +93,12 @@ def run_simulation(
     )
     superlink = _start_superlink(home, env)
     try:
-        federation = f"num-supernodes={cfg.simulation.num_sites} client-resources-num-cpus=1"
+        supernodes = f"num-supernodes={len(federation.sites)} client-resources-num-cpus=1"
         submitted = submit(
             keys,
             env,
             out,
-            options=["--federation-config", federation],
+            options=["--federation-config", supernodes],
             show=lambda line: print(line, flush=True),
         )
     finally:
@@ -147,51 +154,6 @@ def _signing_keys(out: Path) -> dict[str, object]:
         "federation.signing-key": str(directory / PRIVATE_NAME),
         "simulation.verify-key": str(directory / PUBLIC_NAME),
     }
-
-
-def ensure_federation(cfg: FedtuneConfig) -> Path:
-    """The synthetic federation's directory, written first if it is missing; refused when
-    it holds a federation made with other settings."""
-    sim = cfg.simulation
-    data_dir = _absolute(sim.data_dir)
-    summary = data_dir / "federation.json"
-    if not summary.is_file():
-        try:
-            check_ours(data_dir)
-        except ForeignDirectory as e:
-            raise SimulationError(f"simulation.data-dir: {e}") from e
-        print(f"writing a synthetic federation of {sim.num_sites} sites to {data_dir}")
-        write_federation(
-            data_dir,
-            num_sites=sim.num_sites,
-            seed=sim.data_seed,
-            records_per_site=sim.records_per_site or None,
-            heterogeneity=sim.heterogeneity,
-        )
-        return data_dir
-    made = json.loads(summary.read_text())
-    wanted = {
-        "sites": sim.num_sites,
-        "seed": sim.data_seed,
-        "heterogeneity": sim.heterogeneity,
-        "records-per-site": sim.records_per_site or DEFAULT_MEAN_RECORDS,
-    }
-    found = {
-        "sites": len(made.get("sites", [])),
-        "seed": made.get("seed"),
-        "heterogeneity": made.get("heterogeneity", 1.0),
-        "records-per-site": made.get("records_per_site", DEFAULT_MEAN_RECORDS),
-    }
-    if found != wanted:
-        raise SimulationError(
-            f"{summary}: this federation was made with {found}, the run asks for {wanted}; "
-            "point simulation.data-dir at another directory or delete this one"
-        )
-    return data_dir
-
-
-def _absolute(path: str) -> Path:
-    return Path(path).expanduser().resolve()
 
 
 def _absolute_paths(cfg: FedtuneConfig, data_dir: Path, out: Path) -> dict[str, object]:

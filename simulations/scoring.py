@@ -17,9 +17,11 @@ import numpy as np
 from scipy.stats import rankdata
 
 from common.config import FedtuneConfig
-from common.evaluation import Scores, load_eval_file, score
+from common.evaluation import Scores, score
 from common.metrics import classification_metrics
 from common.model import load_adapted_model, set_threads
+from common.sitefiles import find_sites
+from simulations.federation import scored_set
 
 COLUMNS = ("f1", "auroc", "accuracy", "precision", "recall")
 RESAMPLES = 1000
@@ -59,18 +61,14 @@ def site_score(site: str, scores: Scores) -> SiteScore:
     )
 
 
-def site_dirs(data_dir: Path) -> list[Path]:
-    """DATA_DIR/site-N directories, by N."""
-    return sorted(Path(data_dir).glob("site-*"), key=lambda p: int(p.name.split("-")[1]))
-
-
 def score_sites(adapter_dir: Path, cfg: FedtuneConfig, data_dir: Path) -> list[SiteScore]:
-    """Evaluate the adapter in `adapter_dir` on DATA_DIR/site-*/test.jsonl."""
+    """Evaluate the adapter in `adapter_dir` at every site of the federation in DATA_DIR,
+    on the records it is scored on (its test file, or its training file's test share)."""
     set_threads(0)
     model = load_adapted_model(adapter_dir, cfg)
     return [
-        site_score(d.name, score(model, load_eval_file(d / "test.jsonl", cfg), cfg))
-        for d in site_dirs(data_dir)
+        site_score(site.name, score(model, scored_set(site, cfg), cfg))
+        for site in find_sites(data_dir)
     ]
 
 

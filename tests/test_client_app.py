@@ -131,10 +131,14 @@ def test_evaluate_replies_with_metrics_only(run_config, text_file: Path) -> None
     assert metrics["num-examples"] == len(load_site(text_file, load_config(run_config)).val)
 
 
-def test_site_data_path_for_deployment_and_simulation() -> None:
-    cfg = load_config({"simulation.data-dir": "/fed"})
+def test_site_data_path_for_deployment_and_simulation(tmp_path: Path) -> None:
+    for site in ("site-1", "site-2", "site-10", "site-3"):
+        (tmp_path / site).mkdir()
+        (tmp_path / site / "train.jsonl").write_text("")
+    cfg = load_config({"simulation.data-dir": str(tmp_path)})
     assert site_data_path({"data-path": "/site/notes.jsonl"}, cfg) == Path("/site/notes.jsonl")
-    assert site_data_path({"partition-id": 2}, cfg) == Path("/fed/site-3/train.jsonl")
+    assert site_data_path({"partition-id": 2}, cfg) == tmp_path / "site-3" / "train.jsonl"
+    assert site_data_path({"partition-id": 3}, cfg) == tmp_path / "site-10" / "train.jsonl"
     with pytest.raises(ValueError, match="data-path"):
         site_data_path({}, cfg)
 

@@ -312,13 +312,26 @@ def test_a_directory_of_someone_elses_records_is_never_written_into(
     assert main(["data", "--sites", "2", "--out", str(theirs)]) == 1
     err = capsys.readouterr().err
     assert f"{theirs} holds files fedtune did not make (notes.csv, site-1/)" in err
+    # `fedtune-sim run` takes site folders for the researcher's own federation, only read
+    # (here refused: one site cannot make the two a round waits for)
     config = tmp_path / "own-data.toml"
     config.write_text(f'simulation.data-dir = "{theirs}"\n')
     assert main(["run", "--config", str(config), "--out", str(tmp_path / "runs")]) == 1
     err = capsys.readouterr().err
-    assert "simulation.data-dir" in err and f"{theirs} holds files" in err
+    assert f"{theirs} holds 1 site(s), fewer than federation.min-sites 2" in err
     assert "their note" not in err and "Traceback" not in err
-    assert all_files(theirs) == before
+    # and files that are not site folders are neither a federation nor written into
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    (exports / "notes.csv").write_text("text,label\nanother note,0\n")
+    config.write_text(f'simulation.data-dir = "{exports}"\n')
+    assert main(["run", "--config", str(config), "--out", str(tmp_path / "runs")]) == 1
+    err = capsys.readouterr().err
+    assert "simulation.data-dir" in err and f"{exports} holds files" in err
+    assert "another note" not in err and "Traceback" not in err
+    assert all_files(theirs) == before and all_files(exports) == {
+        "notes.csv": b"text,label\nanother note,0\n"
+    }
 
     ours = tmp_path / "synthetic"  # one written before is ours to write again
     synth.write_federation(ours, num_sites=2, seed=0, records_per_site=20)
