@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from peft import PeftModel
 
 from client.dataset import SiteData
-from client.train import schedule_over, train_local
+from client.train import train_calls
 from common.adapter import get_adapter_state, set_adapter_state
 from common.config import FedtuneConfig
 from common.evaluation import evaluate
@@ -49,10 +49,8 @@ def personalise(
     criterion = CRITERION[cfg.model.task]
     start = get_adapter_state(model)
     before = evaluate(model, site.val, cfg)[criterion]
-    run_cfg, per_epoch = schedule_over(cfg, len(site.train), epochs, local_epochs=1)
-    steps = 0
-    for epoch in range(epochs):
-        steps += train_local(model, site.train, run_cfg, start_step=epoch * per_epoch).steps
+    trained = train_calls(model, site.train, cfg, epochs, local_epochs=1, local_steps=0)
+    steps = sum(result.steps for result in trained)
     after = evaluate(model, site.val, cfg)[criterion]
     kept = _better(after, before, criterion)
     if not kept:

@@ -69,6 +69,26 @@ def schedule_over(
     return cfg.model_copy(update={"train": settings}), per_call
 
 
+def train_calls(
+    model: PeftModel,
+    data: Tokenized,
+    cfg: FedtuneConfig,
+    calls: int,
+    on_call: Callable[[int, TrainResult], None] | None = None,
+    **train: object,
+) -> list[TrainResult]:
+    """`calls` training calls in a row on one learning-rate schedule spanning them (a site's
+    rounds without the averaging in between: a baseline, or personalisation); `train`
+    overrides training keys as in `schedule_over`; `on_call(k, result)` after call k."""
+    call_cfg, per_call = schedule_over(cfg, len(data), calls, **train)
+    results = []
+    for k in range(calls):
+        results.append(train_local(model, data, call_cfg, start_step=k * per_call))
+        if on_call is not None:
+            on_call(k + 1, results[-1])
+    return results
+
+
 def train_local(
     model: PeftModel,
     data: Tokenized,

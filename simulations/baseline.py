@@ -32,7 +32,7 @@ from typing import Any
 from peft import PeftModel
 
 from client.dataset import load_site
-from client.train import TrainResult, schedule_over, steps_per_call, train_local
+from client.train import TrainResult, schedule_over, steps_per_call, train_calls
 from common.adapter import get_adapter_state, save_adapter
 from common.batches import Tokenized
 from common.config import FedtuneConfig
@@ -264,15 +264,15 @@ def _train(
     """Train from the shared initial adapter for the federation's rounds; save the adapter."""
     rounds = cfg.federation.rounds
     model = build_model(cfg)  # reset to the shared initial adapter
-    call_cfg, per_call = schedule_over(cfg, len(data), rounds, **train)
-    results: list[TrainResult] = []
-    for r in range(1, rounds + 1):
-        result = train_local(model, data, call_cfg, start_step=(r - 1) * per_call)
-        results.append(result)
+
+    def said(r: int, result: TrainResult) -> None:
         say(
             f"{label}: round {r}/{rounds}, {result.steps} steps, loss {result.loss:.4f}, "
             f"{result.seconds:.1f} s"
         )
+
+    results = train_calls(model, data, cfg, rounds, said, **train)
+    call_cfg, per_call = schedule_over(cfg, len(data), rounds, **train)
     save_adapter(get_adapter_state(model), model.peft_config["default"], adapter_dir)
     return model, {
         "sites": sites,

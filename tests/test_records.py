@@ -216,10 +216,11 @@ def test_head_tail_truncation_keeps_the_start_and_the_end_of_a_long_note(
     assert tokenizer.decode(cut[-3:-1]) == "discharged home"
     assert data.input_ids[1] == tokenizer(short.text)["input_ids"]  # short records untouched
     head = tokenize([note], tokenizer, 32).input_ids[0]
-    assert head == full[:31] + [tokenizer.sep_token_id]  # the default keeps the start only
-    assert "the first 8 and the last 24 tokens" in measure_lengths(
-        [note], tokenizer, 32, "head-tail"
-    ).summary()
+    assert head == [*full[:31], tokenizer.sep_token_id]  # the default keeps the start only
+    assert (
+        "the first 8 and the last 24 tokens"
+        in measure_lengths([note], tokenizer, 32, "head-tail").summary()
+    )
     assert 'data.truncation = "head-tail"' in measure_lengths([note], tokenizer, 32).summary()
     with pytest.raises(ValueError, match="truncation must be one of head, head-tail"):
         tokenize([note], tokenizer, 32, truncation="tail")
